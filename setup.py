@@ -1,0 +1,40 @@
+"""mgrpo_jax: Multi-GRPO (tree rollouts, multi-reward advantages) for flow-matching T2I models in JAX."""
+
+import setuptools
+
+setuptools.setup(
+    name="mgrpo_jax",
+    version="0.1.0",
+    description="Multi-GRPO RL fine-tuning of flow-matching text-to-image models in JAX/Flax NNX.",
+    packages=setuptools.find_packages(include=["mgrpo_jax", "mgrpo_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "grain>=0.2.10",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "numpy>=1.26",
+        "Pillow>=10",
+        "absl-py>=2",
+        "rapidocr-onnxruntime>=1.4",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.88"],
+        # Accelerator builds of jax; install with `pip install -e ".[tpu]"` on a TPU VM.
+        "tpu": ["jax[tpu]"],
+        "cuda": ["jax[cuda12]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mgrpo-train=mgrpo_jax.train:run",
+            "mgrpo-sample=mgrpo_jax.sample:run",
+        ]
+    },
+)
