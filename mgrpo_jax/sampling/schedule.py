@@ -1,0 +1,65 @@
+"""Flow-matching noise schedules (SD3's shifted sigmas) and per-step sampler choices.
+
+The schedule reproduces diffusers' `FlowMatchEulerDiscreteScheduler.set_timesteps` for SD3
+(no dynamic shifting): the inference sigmas are spaced linearly in the *unshifted* timestep
+between 1 and the shifted training sigma_min, then shifted. sigma_min is therefore shifted
+twice, which is what diffusers does and what SD3.5 checkpoints were tuned with.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+  """SD3's timestep shift `shift * s / (1 + (shift - 1) * s)` (identity for shift=1)."""
+  sigmas = np.asarray(sigmas, np.float64)
+  return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flow_match_sigmas(num_steps: int, shift: float = 3.0,
+                      num_train_timesteps: int = 1000) -> np.ndarray:
+  """Sigmas of a T-step flow-matching sampler, from 1 down to 0.
+
+  Args:
+    num_steps: T, the number of denoising steps.
+    shift: SD3 timestep shift (3.0 for SD3/SD3.5-Medium).
+    num_train_timesteps: training timesteps of the scheduler (1000).
+
+  Returns:
+    float32 numpy [T + 1]: sigma_0 = 1 > sigma_1 > ... > sigma_{T-1} > sigma_T = 0. Step i moves
+    the latent from sigma_i to sigma_{i+1}; the model's timestep is `1000 * sigma_i`.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  if shift <= 0:
+    raise ValueError(f"shift must be > 0, got {shift}")
+  sigma_min = float(shift_sigmas(np.array(1.0 / num_train_timesteps), shift))
+  sigmas = np.linspace(1.0, sigma_min, num_steps)
+  sigmas = shift_sigmas(sigmas, shift)
+  return np.append(sigmas, 0.0).astype(np.float32)
+
+
+def sde_step_mask(num_steps: int, window: tuple[int, int] | None) -> np.ndarray:
+  """Which steps are stochastic (and therefore stored and trained).
+
+  Flow-GRPO-Fast and MixGRPO sample only a window of steps with the SDE and the rest with the
+  deterministic ODE, which makes training cheaper and credit assignment sharper.
+
+  Args:
+    num_steps: T.
+    window: `(start, stop)` half-open step range that uses the SDE, or None for all but the last
+      step (the last step lands on sigma = 0, where CPS has zero variance and Flow-GRPO's SDE is
+      never trained either).
+
+  Returns:
+    bool numpy [T].
+  """
+  if window is None:
+    window = (0, num_steps - 1)
+  start, stop = window
+  if not 0 <= start <= stop <= num_steps:
+    raise ValueError(f"sde window {window} must satisfy 0 <= start <= stop <= num_steps={num_steps}")
+  mask = np.zeros([num_steps], bool)
+  mask[start:stop] = True
+  return mask
