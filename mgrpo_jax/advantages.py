@@ -96,6 +96,11 @@ def group_normalize(values: jax.Array, group_ids: jax.Array, num_groups: int,
     eps: added to the std.
   """
   centered = values - segment_mean(values, group_ids, num_groups)[group_ids]
+  # A group whose values are all equal (a single node, or identical rewards) has advantage 0
+  # exactly; rounding in its mean would otherwise be amplified by 1 / eps.
+  spread = (jax.ops.segment_max(values, group_ids, num_groups)
+            - jax.ops.segment_min(values, group_ids, num_groups))[group_ids]
+  centered = jnp.where(spread > 0, centered, 0.0)
   return centered / (segment_std(values, std_ids, num_std_groups)[std_ids] + eps)
 
 
