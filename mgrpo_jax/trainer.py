@@ -1,0 +1,510 @@
+"""The Multi-GRPO training loop: sample -> decode -> rewards (async) -> advantages -> PPO epochs.
+
+Device work is three functions, each jitted once with explicit shardings:
+  sample_fn(params, tokens, neg_tokens, key)  -> rollout, conditioning, uint8 images
+  advantage_fn(rewards, prompt_index, stats)  -> advantages, new per-prompt stats
+  train_step(state, batch, rng, frozen)       -> new state, metrics
+The host loop around them reads prompts, scores images in a thread pool while the device
+samples the next batch, writes metrics, images and checkpoints, and resumes from the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from mgrpo_jax import advantages as adv_lib
+from mgrpo_jax import losses
+from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax.sampling import rollout as rollout_lib
+from mgrpo_jax.sampling import schedule, steps as steps_lib
+from mgrpo_jax.sampling.tree import TreeSpec, make_tree_spec
+
+Params = Any
+
+
+# ---- configuration -> static objects ----------------------------------------------------------
+def tree_spec_from_config(config: ml_collections.ConfigDict) -> TreeSpec:
+  T = config.sample.num_steps
+  window = tuple(config.sample.sde_window)
+  mask = schedule.sde_step_mask(T, None if window == (-1, -1) else window)
+  if config.tree.mode == "flat":
+    return make_tree_spec(T, mask, num_roots=config.tree.group_size)
+  if config.tree.mode == "tree":
+    return make_tree_spec(T, mask, num_roots=config.tree.num_roots,
+                          branch_steps=config.tree.branch_steps,
+                          branch_factors=config.tree.branch_factors)
+  raise ValueError(f"tree.mode must be 'tree' or 'flat', got {config.tree.mode!r}")
+
+
+def sampler_from_config(config) -> rollout_lib.SamplerConfig:
+  return rollout_lib.SamplerConfig(
+      method=config.sample.method, noise_level=float(config.sample.noise_level),
+      guidance_scale=float(config.sample.guidance_scale), cps_logprob=config.sample.cps_logprob,
+      same_latent=bool(config.sample.same_latent))
+
+
+def advantage_config(config) -> adv_lib.AdvantageConfig:
+  if len(config.reward.names) != len(config.reward.weights):
+    raise ValueError(f"reward.names {tuple(config.reward.names)} and reward.weights "
+                     f"{tuple(config.reward.weights)} must have the same length")
+  return adv_lib.AdvantageConfig(
+      mode=config.advantage.mode, scope=config.advantage.scope, std=config.advantage.std,
+      eps=float(config.advantage.eps), clip=float(config.advantage.clip),
+      weights=tuple(float(w) for w in config.reward.weights),
+      drop_zero_groups=bool(config.advantage.drop_zero_groups))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  t = config.train
+  tx = optax.chain(
+      optax.clip_by_global_norm(t.max_grad_norm),
+      optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay))
+  if t.grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
+  return tx
+
+
+# ---- the policy as pure functions of (trainable, frozen) states ----------------------------------
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """Pure-function view of a generator module split into trainable and frozen states.
+
+  With LoRA, trainable = adapter weights and frozen = base weights; the reference policy is the
+  same graph with the adapters zeroed. Without LoRA, trainable = all weights and frozen = a copy
+  of the initial weights kept as the reference (empty when the KL weight is 0).
+  """
+
+  graphdef: Any
+  lora: bool
+
+  def module(self, trainable, frozen, reference=False):
+    if self.lora:
+      if reference:
+        trainable = jax.tree.map(jnp.zeros_like, trainable)
+      return nnx.merge(self.graphdef, trainable, frozen)
+    return nnx.merge(self.graphdef, frozen if reference else trainable)
+
+  def velocity_fn(self, trainable, frozen, reference=False):
+    model = self.module(trainable, frozen, reference)
+    return lambda x, sigma, cond: model.velocity(x, sigma, cond)
+
+
+def build_model_states(generator, config, mesh):
+  """Creates (graphdef, trainable, frozen) with every array born in its sharding."""
+  from mgrpo_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  seed = config.seed
+  use_lora = bool(config.lora.enabled)
+  keep_reference = (not use_lora) and config.train.beta > 0
+
+  def make():
+    model = generator.make_module(nnx.Rngs(seed))
+    if use_lora:
+      lora_lib.apply_lora(model, tuple(config.lora.targets), int(config.lora.rank),
+                          float(config.lora.alpha), rngs=nnx.Rngs(seed + 1))
+    return model
+
+  def split(model):
+    if use_lora:
+      graphdef, trainable, frozen = lora_lib.split_lora(model)
+    else:
+      graphdef, trainable = nnx.split(model)
+      frozen = trainable if keep_reference else nnx.State({})
+    return graphdef, trainable, frozen
+
+  graphdef, _, _ = split(nnx.eval_shape(make))
+
+  def init():
+    _, trainable, frozen = split(make())
+    return trainable, frozen
+
+  trainable, frozen = sharding_lib.create_sharded(init, mesh)
+  if generator.load_weights is not None:
+    frozen = generator.load_weights(frozen, mesh)
+  return graphdef, trainable, frozen
+
+
+# ---- jitted functions --------------------------------------------------------------------------
+def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
+  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
+
+  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
+    model = policy.module(trainable, frozen)
+    cond = model.encode_text(tokens)
+    use_cfg = sampler.guidance_scale != 1.0
+    neg_cond = model.encode_text(neg_tokens) if use_cfg else None
+    out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond, key, spec,
+                              sigmas, latent_shape, sampler)
+    P, L = out.final_latents.shape[:2]
+    images = model.decode(out.final_latents.reshape((P * L,) + out.final_latents.shape[2:]))
+    images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return out, cond, neg_cond, images.reshape((P, L) + images.shape[1:])
+
+  return sample_fn
+
+
+def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
+  """Builds train_step(state, batch, rng, frozen) -> (state, metrics).
+
+  state: {'trainable', 'opt_state', 'step'}.
+  batch (P prompts x m transitions each): latents / next_latents [P, m, h, w, c],
+  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...].
+  """
+  sigmas = jnp.asarray(sigmas)
+  beta = float(train_cfg.beta)
+  clip_range = float(train_cfg.clip_range)
+  kl_mode = train_cfg.kl_mode
+  if kl_mode not in losses.KL_MODES:
+    raise ValueError(f"train.kl_mode must be one of {losses.KL_MODES}, got {kl_mode!r}")
+
+  def train_step(state, batch, rng, frozen):
+    del rng  # the update is deterministic; kept for a uniform step signature
+    P, m = batch["log_probs"].shape
+    flat = lambda a: a.reshape((P * m,) + a.shape[2:])
+    x, x_next = flat(batch["latents"]), flat(batch["next_latents"])
+    step = flat(batch["steps"])
+    sigma, sigma_prev = sigmas[step], sigmas[step + 1]
+    per_transition = lambda c: None if c is None else rollout_lib.repeat_cond(c, m)
+    cond, neg_cond = per_transition(batch["cond"]), per_transition(batch.get("neg_cond"))
+
+    def loss_fn(trainable):
+      v = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen), x, sigma, cond,
+                                      neg_cond, sampler.guidance_scale)
+      out = steps_lib.step_with_logprob(
+          sampler.method, v, x, sigma, sigma_prev, noise_level=sampler.noise_level,
+          sigma_max=sigmas[1], prev_sample=x_next, cps_logprob=sampler.cps_logprob)
+      ref_mean = None
+      if beta > 0:
+        v_ref = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen, reference=True),
+                                            x, sigma, cond, neg_cond, sampler.guidance_scale)
+        ref_mean, _, _ = steps_lib.transition_mean_std(
+            sampler.method, jax.lax.stop_gradient(v_ref), x, sigma, sigma_prev,
+            noise_level=sampler.noise_level, sigma_max=sigmas[1])
+      kl_std = out.std if kl_mode == "flow_grpo" else out.transition_std
+      res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
+                             clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
+                             kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
+                             num_steps=spec.num_steps)
+      return res.loss, res.metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_minibatch_fn(num_minibatches: int):
+  """Shuffles every prompt's transitions independently and splits them into minibatches.
+
+  Shuffling along the transition axis only keeps each prompt's rows on its data shard.
+  Returns fn(data {name: [P, M, ...]}, key) -> {name: [num_minibatches, P, M / nmb, ...]}.
+  """
+
+  def fn(data, key):
+    P, M = data["log_probs"].shape
+    if M % num_minibatches:
+      raise ValueError(f"{M} stored transitions per prompt do not split into "
+                       f"train.num_minibatches={num_minibatches} equal minibatches")
+    perm = jax.vmap(lambda k: jax.random.permutation(k, M))(jax.random.split(key, P))
+
+    def shuffle(a):
+      idx = perm.reshape(perm.shape + (1,) * (a.ndim - 2))
+      a = jnp.take_along_axis(a, idx, axis=1)
+      a = a.reshape((P, num_minibatches, M // num_minibatches) + a.shape[2:])
+      return jnp.swapaxes(a, 0, 1)
+
+    return jax.tree.map(shuffle, data)
+
+  return fn
+
+
+# ---- host loop ---------------------------------------------------------------------------------
+def _mean_metrics(metrics_list) -> dict[str, float]:
+  """Averages a list of per-step metric dicts (one device_get for all of them)."""
+  if not metrics_list:
+    return {}
+  host = jax.device_get(metrics_list)
+  out = {}
+  for name in host[0]:
+    values = np.stack([np.asarray(m[name]) for m in host])
+    if values.ndim == 1:
+      out[f"train/{name}"] = float(values.mean())
+    else:  # per-step vectors: report each step that has transitions
+      for s, v in enumerate(values.mean(0)):
+        if v != 0:
+          out[f"train/{name}/{s}"] = float(v)
+  return out
+
+
+def config_hash(config) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+  """Owns the jitted functions, the state and the host-side helpers of one run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+    from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+    from mgrpo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
+    from mgrpo_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
+    from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+    from mgrpo_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+    self.config = config
+    self.workdir = workdir
+    self.is_primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.spec = tree_spec_from_config(config)
+    self.sampler = sampler_from_config(config)
+    self.adv_cfg = advantage_config(config)
+    self.sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
+
+    P = config.data.prompts_per_batch
+    multiple = sharding_lib.batch_size_multiple(self.mesh)
+    if P % multiple:
+      raise ValueError(f"data.prompts_per_batch={P} must be divisible by the data x fsdp mesh "
+                       f"size {multiple} (each prompt's tree stays on one shard)")
+    if P % jax.process_count():
+      raise ValueError(f"data.prompts_per_batch={P} must be divisible by the process count "
+                       f"{jax.process_count()}")
+
+    # Data: every process reads its own share of each global batch.
+    path = (config.data.dataset if os.path.exists(config.data.dataset)
+            else prompts_lib.dataset_path(config.data.dataset, config.data.split))
+    self.records = prompts_lib.load_prompts(path)
+    self.loader = loader_lib.PromptLoader(
+        self.records, batch_size=P // jax.process_count(), seed=config.seed,
+        shuffle=config.data.shuffle, shard_index=jax.process_index(),
+        shard_count=jax.process_count())
+
+    # Model and optimizer state, created sharded.
+    self.generator = registry.get_generator(config.model)
+    graphdef, trainable, self.frozen = build_model_states(self.generator, config, self.mesh)
+    self.policy = Policy(graphdef, bool(config.lora.enabled))
+    self.tx = make_optimizer(config)
+    opt_state = jax.jit(self.tx.init)(trainable)
+    self.state = {"trainable": trainable, "opt_state": opt_state,
+                  "step": jnp.zeros([], jnp.int32)}
+    if config.advantage.per_prompt_history:
+      k = 1 if self.adv_cfg.mode == "reward_mixing" else len(self.adv_cfg.weights)
+      self.state["prompt_stats"] = adv_lib.init_prompt_stats(len(self.records), k)
+    self.state_shardings = jax.tree.map(lambda a: a.sharding, self.state)
+
+    # Jitted functions.
+    self.sample_fn = jax.jit(make_sample_fn(self.policy, self.spec, self.sampler, self.sigmas,
+                                            self.generator.latent_shape))
+    eval_spec = TreeSpec(config.sample.eval_num_steps, 1, (), (),
+                         (False,) * config.sample.eval_num_steps)
+    self.eval_fn = jax.jit(make_sample_fn(
+        self.policy, eval_spec, self.sampler,
+        schedule.flow_match_sigmas(config.sample.eval_num_steps, config.sample.shift),
+        self.generator.latent_shape))
+    train_step = make_train_step(self.policy, self.tx, self.spec, self.sampler, self.sigmas,
+                                 config.train)
+    train_state_sh = {k: v for k, v in self.state_shardings.items() if k != "prompt_stats"}
+    self.train_step = jax.jit(train_step, donate_argnums=(0,),
+                              out_shardings=(train_state_sh, None))
+    self.minibatch_fn = jax.jit(make_minibatch_fn(config.train.num_minibatches))
+    self.advantage_fn = jax.jit(functools.partial(self._advantages, spec=self.spec,
+                                                  cfg=self.adv_cfg))
+
+    self.rewards = rewards_lib.HostRewards(
+        {name: {} for name in config.reward.names}, max_workers=config.reward.num_workers)
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.log.keep_checkpoints)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary)
+    self.metrics_lib = metrics_lib
+    self.start_iteration = 0
+    self._maybe_restore()
+    if self.is_primary:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  @staticmethod
+  def _advantages(rewards, prompt_index, stats, *, spec, cfg):
+    leaf_stats = None
+    if stats is not None:
+      stats, mean, std = adv_lib.update_prompt_stats(
+          stats, prompt_index, adv_lib.stats_rewards(rewards, cfg))
+      leaf_stats = (mean, std)
+    return adv_lib.compute_advantages(rewards, spec, cfg, leaf_stats), stats
+
+  # -- checkpoints ---------------------------------------------------------------------------------
+  def _checkpoint_state(self):
+    return {**self.state, "rng": jax.random.key_data(jax.random.key(self.config.seed))}
+
+  def _maybe_restore(self):
+    step = self.checkpointer.latest_step()
+    if step is None:
+      return
+    self.checkpointer.check_metadata({"config_hash": config_hash(self.config)})
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        self._checkpoint_state())
+    restored, data_state, _ = self.checkpointer.restore(step, abstract)
+    restored.pop("rng")
+    self.state = restored
+    self.loader.set_state(data_state)
+    self.start_iteration = int(step)
+    logging.info("resumed from iteration %d in %s", step, self.workdir)
+
+  def save(self, iteration: int, force: bool = False):
+    self.checkpointer.save(iteration, self._checkpoint_state(), self.loader.get_state(),
+                           metadata={"config_hash": config_hash(self.config)}, force=force)
+
+  # -- one iteration -------------------------------------------------------------------------------
+  def _tokens(self, prompts):
+    tokens = self.generator.tokenize(list(prompts))
+    return sharding_lib.global_batch(tokens, self.mesh)
+
+  def sample_and_score(self, iteration: int, timer):
+    """Samples every batch of the iteration; rewards of batch b run while b + 1 samples."""
+    cfg = self.config
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), iteration), 0)
+    L = self.spec.num_leaves
+    batches, pending = [], []
+    for b in range(cfg.sample.batches_per_iteration):
+      data = next(self.loader)
+      prompts = list(data["prompts"])
+      with timer("sample"):
+        tokens = self._tokens(prompts)
+        neg = self._tokens([cfg.sample.negative_prompt] * len(prompts))
+        out, cond, neg_cond, images = self.sample_fn(
+            self.state["trainable"], self.frozen, tokens, neg, jax.random.fold_in(key, b))
+        local_images = sharding_lib.local_rows(images)  # waits for this batch only
+      flat_images = local_images.reshape((-1,) + local_images.shape[2:])
+      pending.append(self.rewards.submit(
+          flat_images, [p for p in prompts for _ in range(L)],
+          [m for m in data["metadata"] for _ in range(L)]))
+      batches.append({"rollout": out, "cond": cond, "neg_cond": neg_cond, "data": data,
+                      "images": local_images})
+    with timer("reward_wait"):
+      for batch, future in zip(batches, pending):
+        scores = future.result()  # raises RewardError naming the reward and prompt
+        per_reward = np.stack([np.asarray(scores[n], np.float32) for n in cfg.reward.names], -1)
+        batch["rewards"] = per_reward.reshape(-1, L, len(cfg.reward.names))
+    return batches
+
+  def train_iteration(self, iteration: int, timer) -> dict[str, float]:
+    cfg = self.config
+    batches = self.sample_and_score(iteration, timer)
+    with timer("advantages"):
+      rewards = sharding_lib.global_batch(np.concatenate([b["rewards"] for b in batches]),
+                                          self.mesh)
+      index = sharding_lib.global_batch(
+          np.concatenate([np.asarray(b["data"]["index"], np.int32) for b in batches]), self.mesh)
+      adv, stats = self.advantage_fn(rewards, index, self.state.get("prompt_stats"))
+      if stats is not None:
+        self.state["prompt_stats"] = stats
+      P = cfg.data.prompts_per_batch
+    train_metrics = []
+    train_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), iteration), 1)
+    trainable_state = {k: v for k, v in self.state.items() if k != "prompt_stats"}
+    with timer("train"):
+      for epoch in range(cfg.train.inner_epochs):
+        for b, batch in enumerate(batches):
+          r = batch["rollout"]
+          data = {"latents": r.latents, "next_latents": r.next_latents,
+                  "log_probs": r.log_probs, "steps": r.steps,
+                  "advantages": adv.transitions[b * P:(b + 1) * P],
+                  "keep": adv.keep[b * P:(b + 1) * P]}
+          mbs = self.minibatch_fn(data, jax.random.fold_in(train_key, epoch * 1000 + b))
+          for j in range(cfg.train.num_minibatches):
+            mb = jax.tree.map(lambda a: a[j], mbs)
+            mb["cond"], mb["neg_cond"] = batch["cond"], batch["neg_cond"]
+            trainable_state, metrics = self.train_step(
+                trainable_state, mb, jax.random.fold_in(train_key, j), self.frozen)
+            train_metrics.append(metrics)
+      jax.block_until_ready(trainable_state)
+    self.state.update(trainable_state)
+
+    out = _mean_metrics(train_metrics)
+    all_rewards = np.concatenate([b["rewards"] for b in batches])
+    for k, name in enumerate(cfg.reward.names):
+      out[f"reward/{name}"] = float(all_rewards[..., k].mean())
+      out[f"reward/{name}_std"] = float(all_rewards[..., k].std())
+    transitions = np.asarray(adv.transitions)
+    out.update({
+        "advantage/mean": float(transitions.mean()),
+        "advantage/std": float(transitions.std()),
+        "advantage/abs_max": float(np.abs(transitions).max()) if transitions.size else 0.0,
+        "advantage/kept_fraction": float(np.asarray(adv.keep).mean()),
+        "nfe/per_prompt": float(self.spec.nfe),
+        "nfe/independent_per_prompt": float(self.spec.nfe_independent),
+        "samples/leaves_per_prompt": float(self.spec.num_leaves),
+    })
+    self._last_batch = batches[0]
+    return out
+
+  def evaluate(self, iteration: int):
+    """Writes a grid of ODE samples of fixed prompts with fixed noise."""
+    n = self.config.log.num_eval_prompts
+    n = max(n - n % sharding_lib.batch_size_multiple(self.mesh),
+            sharding_lib.batch_size_multiple(self.mesh))
+    prompts = [self.records[i % len(self.records)].prompt for i in range(n)]
+    tokens = self._tokens(prompts)
+    neg = self._tokens([self.config.sample.negative_prompt] * n)
+    _, _, _, images = self.eval_fn(self.state["trainable"], self.frozen, tokens, neg,
+                                   jax.random.key(self.config.seed + 12345))
+    images = sharding_lib.local_rows(images)[:, 0]
+    return self.writer.write_images(iteration, "eval", images, prompts)
+
+  def run(self) -> dict[str, float]:
+    cfg = self.config
+    timer = self.metrics_lib.Timer()
+    total = cfg.train.num_iterations
+    bar = self.metrics_lib.ProgressBar(total=total, initial=self.start_iteration,
+                                       enabled=self.is_primary and cfg.log.progress)
+    metrics = {}
+    for iteration in range(self.start_iteration, total):
+      timer.reset()
+      t0 = time.perf_counter()
+      metrics = self.train_iteration(iteration, timer)
+      metrics.update({f"time/{k}": v for k, v in timer.totals().items()})
+      metrics["time/iteration"] = time.perf_counter() - t0
+      done = iteration + 1
+      self.writer.write_scalars(done, metrics)
+      bar.update(1, {k: metrics[k] for k in metrics if k.startswith("reward/")
+                     and not k.endswith("_std")})
+      if done % cfg.log.eval_every == 0 or done == total:
+        self.evaluate(done)
+      if done % cfg.log.checkpoint_every == 0 or done == total:
+        self.save(done, force=done == total)
+    self.checkpointer.wait()
+    bar.close()
+    if self.is_primary and os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
+      self.metrics_lib.plot_curves(os.path.join(self.workdir, "metrics.jsonl"),
+                                   os.path.join(self.workdir, "reward_curves.png"))
+    return metrics
+
+  def close(self):
+    self.rewards.close()
+    self.checkpointer.close()
+    self.writer.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Runs (or resumes) a training job in `workdir`; returns the last iteration's metrics."""
+  trainer = Trainer(config, workdir)
+  try:
+    return trainer.run()
+  finally:
+    trainer.close()
