@@ -288,8 +288,13 @@ class Trainer:
                        f"{jax.process_count()}")
 
     # Data: every process reads its own share of each global batch.
-    path = (config.data.dataset if os.path.exists(config.data.dataset)
-            else prompts_lib.dataset_path(config.data.dataset, config.data.split))
+    dataset = config.data.dataset
+    if os.sep in dataset or dataset.endswith((".csv", ".txt")):
+      if not os.path.isfile(dataset):
+        raise FileNotFoundError(f"data.dataset: prompt file {dataset} does not exist")
+      path = dataset
+    else:
+      path = prompts_lib.dataset_path(dataset, config.data.split)
     self.records = prompts_lib.load_prompts(path)
     self.loader = loader_lib.PromptLoader(
         self.records, batch_size=P // jax.process_count(), seed=config.seed,

@@ -1,0 +1,68 @@
+"""Config files, variants, the locked schema and the CLI's error messages."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mgrpo_jax import trainer
+from mgrpo_jax.config_utils import load_sibling
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny_ocr_color.py")
+
+
+def tiny(arg=None):
+  return load_sibling(TINY, "tiny_ocr_color").get_config(arg)
+
+
+def test_variant_derives_from_base():
+  full, small = tiny(), tiny("runlocal")
+  assert small.sample.num_steps < full.sample.num_steps
+  assert small.reward.names == full.reward.names
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    tiny("huge")
+
+
+def test_locked_config_rejects_unknown_field():
+  config = tiny()
+  config.lock()
+  with pytest.raises(AttributeError, match="learning_rat"):
+    config.train.learning_rat = 1.0
+
+
+def test_tree_spec_from_config_matches_leaves():
+  config = tiny()
+  spec = trainer.tree_spec_from_config(config)
+  assert spec.num_leaves == 4 and spec.branch_steps == (0, 2)
+  config.tree.mode = "flat"
+  assert trainer.tree_spec_from_config(config).num_leaves == config.tree.group_size
+  config.tree.mode = "forest"
+  with pytest.raises(ValueError, match="tree.mode"):
+    trainer.tree_spec_from_config(config)
+
+
+def test_reward_names_and_weights_must_pair():
+  config = tiny()
+  config.reward.weights = (1.0,)
+  with pytest.raises(ValueError, match="same length"):
+    trainer.advantage_config(config)
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "mgrpo_jax.train", *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_cli_unknown_override_is_a_clear_error(tmp_path):
+  res = _cli(f"--config={TINY}", f"--workdir={tmp_path}", "--config.train.learning_rat=1e-4")
+  assert res.returncode != 0
+  assert "learning_rat" in res.stderr
+
+
+def test_cli_missing_config_file_is_named(tmp_path):
+  res = _cli(f"--config={tmp_path}/nope.py", f"--workdir={tmp_path}")
+  assert res.returncode != 0
+  assert "nope.py" in res.stderr

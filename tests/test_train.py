@@ -1,0 +1,144 @@
+"""End-to-end training on the tiny config: outputs, kill-and-resume, 1 vs 8 devices, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.models import registry
+from mgrpo_jax.sampling import schedule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASETS = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
+
+
+def tiny_config(**overrides):
+  config = load_sibling(os.path.join(ROOT, "configs", "tiny_ocr_color.py"),
+                        "tiny_ocr_color").get_config("runlocal")
+  # Rewards that need no OCR keep these tests fast; the OCR rewards have their own tests.
+  config.reward.names = ("jpeg_compressibility", "jpeg_incompressibility")
+  config.reward.weights = (1.0, 0.5)
+  config.log.progress = False
+  for key, value in overrides.items():
+    group, field = key.split(".")
+    setattr(config[group], field, value)
+  return config
+
+
+needs_data = pytest.mark.skipif(not os.path.isdir(DATASETS) and "MGRPO_DATASETS" not in os.environ,
+                                reason="../shared/datasets not present")
+
+
+def final_params(workdir, config):
+  trainer = trainer_lib.Trainer(config, workdir)
+  try:
+    return jax.tree.map(np.asarray, trainer.state["trainable"]), trainer.start_iteration
+  finally:
+    trainer.close()
+
+
+@needs_data
+@pytest.mark.slow
+def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
+  config = tiny_config()
+  metrics = trainer_lib.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [1, 2]
+  for key in ("reward/jpeg_compressibility", "train/loss", "train/approx_kl", "train/clipfrac",
+              "advantage/std", "nfe/per_prompt", "time/sample", "time/train"):
+    assert key in lines[-1], key
+  spec = trainer_lib.tree_spec_from_config(config)
+  assert lines[-1]["nfe/per_prompt"] == spec.nfe < lines[-1]["nfe/independent_per_prompt"]
+  # The first update happens on fresh samples: PPO's ratio is 1 up to float rounding.
+  assert abs(lines[0]["train/ratio_mean"] - 1.0) < 1e-4
+  assert os.path.exists(tmp_path / "reward_curves.png")
+  assert os.path.exists(tmp_path / "config.json")
+  assert sorted(os.listdir(tmp_path / "images"))
+  assert metrics["reward/jpeg_compressibility"] < 0
+
+
+@needs_data
+@pytest.mark.slow
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
+  config = tiny_config(**{"train.num_iterations": 3})
+  trainer_lib.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight, _ = final_params(str(tmp_path / "straight"), config)
+
+  # Crash in the middle of the third iteration (after its sampling), then start again.
+  original = trainer_lib.Trainer.train_iteration
+  calls = {"n": 0}
+
+  def crashing(self, iteration, timer):
+    calls["n"] += 1
+    if iteration == 2:
+      self.sample_and_score(iteration, timer)
+      raise KeyboardInterrupt("simulated kill")
+    return original(self, iteration, timer)
+
+  monkeypatch.setattr(trainer_lib.Trainer, "train_iteration", crashing)
+  with pytest.raises(KeyboardInterrupt):
+    trainer_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(trainer_lib.Trainer, "train_iteration", original)
+  trainer_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  resumed, start = final_params(str(tmp_path / "resumed"), config)
+  assert start == 3
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  lines = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")]
+  assert [l["step"] for l in lines][-1] == 3
+
+
+def test_train_step_one_and_eight_devices_agree():
+  config = tiny_config()
+  generator = registry.get_generator(config.model)
+  spec = trainer_lib.tree_spec_from_config(config)
+  sampler = trainer_lib.sampler_from_config(config)
+  sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
+  prompts = [f'a sign that reads "test {i}"' for i in range(8)]
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+    policy = trainer_lib.Policy(graphdef, True)
+    tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
+    neg = sharding_lib.global_batch(generator.tokenize([""] * 8), mesh)
+    sample = jax.jit(trainer_lib.make_sample_fn(policy, spec, sampler, sigmas,
+                                                generator.latent_shape))
+    out, cond, neg_cond, _ = sample(trainable, frozen, tokens, neg, jax.random.key(0))
+    # A perturbed adapter makes the gradient step non-trivial in both the policy and KL terms.
+    trainable = jax.tree.map(lambda a: a + 0.01, trainable)
+    tx = trainer_lib.make_optimizer(config)
+    state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
+             "step": jnp.zeros([], jnp.int32)}
+    adv = jnp.asarray(np.linspace(-1, 1, out.log_probs.size).reshape(out.log_probs.shape))
+    batch = {"latents": out.latents, "next_latents": out.next_latents,
+             "log_probs": out.log_probs, "steps": out.steps, "advantages": adv,
+             "keep": jnp.ones_like(adv), "cond": cond, "neg_cond": neg_cond}
+    step = jax.jit(trainer_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
+    new_state, metrics = step(state, batch, jax.random.key(1), frozen)
+    results.append((jax.tree.map(np.asarray, new_state["trainable"]),
+                    {k: np.asarray(v) for k, v in metrics.items()}))
+  (p1, m1), (p8, m8) = results
+  for name in ("loss", "policy_loss", "kl", "grad_norm", "approx_kl"):
+    np.testing.assert_allclose(m1[name], m8[name], rtol=1e-4, atol=1e-7, err_msg=name)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@needs_data
+def test_batch_not_divisible_by_mesh_is_a_clear_error(tmp_path):
+  config = tiny_config(**{"data.prompts_per_batch": 3})
+  with pytest.raises(ValueError, match="prompts_per_batch=3"):
+    trainer_lib.Trainer(config, str(tmp_path))
+
+
+def test_missing_prompt_file_is_named(tmp_path):
+  config = tiny_config(**{"data.dataset": str(tmp_path / "missing.csv")})
+  with pytest.raises(FileNotFoundError, match="missing.csv"):
+    trainer_lib.Trainer(config, str(tmp_path / "w"))
