@@ -111,3 +111,13 @@ def test_step_needs_exactly_one_of_key_and_sample():
   with pytest.raises(ValueError, match="unknown stochastic step method"):
     steps.step_with_logprob("ddim", x, x, 0.5, 0.4, noise_level=0.7, sigma_max=0.9,
                             key=jax.random.key(0))
+
+
+def test_sigmas_equal_diffusers_scheduler():
+  pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  for steps_, shift in ((10, 3.0), (40, 3.0), (4, 1.0)):
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    ref.set_timesteps(steps_)
+    np.testing.assert_allclose(schedule.flow_match_sigmas(steps_, shift), ref.sigmas.numpy(),
+                               rtol=1e-6, atol=1e-7)

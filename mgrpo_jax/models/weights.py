@@ -1,0 +1,189 @@
+"""Reading diffusers / Hugging Face safetensors checkpoints into sharded NNX states, without torch.
+
+A checkpoint directory holds either one `*.safetensors` file or shards listed by a
+`*.safetensors.index.json` (`{"weight_map": {name: file}}`). Files are memory-mapped and parsed
+here directly (an 8-byte header length, a JSON header of dtype/shape/offsets, raw little-endian
+data), so bfloat16 works with numpy (via ml_dtypes) and nothing is unpickled. Each tensor is
+placed with `jax.make_array_from_callback`, which copies to every device only the slice it
+owns: the host never holds more than one tensor's pages, and a device never the full weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not fit the model: names and shapes are in the message."""
+
+
+class SafetensorsFile:
+  """One memory-mapped .safetensors file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, "rb") as f:
+      raw = f.read(8)
+      if len(raw) != 8:
+        raise CheckpointError(f"{path} is not a safetensors file (shorter than its header)")
+      (header_len,) = struct.unpack("<Q", raw)
+      try:
+        self.header = json.loads(f.read(header_len))
+      except ValueError as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+    self.header.pop("__metadata__", None)
+    self._data_start = 8 + header_len
+    self._mmap = None
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    entry = self.header[name]
+    if entry["dtype"] not in _DTYPES:
+      raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+    return tuple(entry["shape"]), np.dtype(_DTYPES[entry["dtype"]])
+
+  def get(self, name: str) -> np.ndarray:
+    """The tensor as a read-only numpy view of the mapped file."""
+    if self._mmap is None:
+      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+    shape, dtype = self.info(name)
+    start, stop = self.header[name]["data_offsets"]
+    buf = self._mmap[self._data_start + start:self._data_start + stop]
+    return buf.view(dtype).reshape(shape)
+
+
+class Checkpoint:
+  """All tensors of one component directory (e.g. `transformer/`), single file or sharded."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    names = sorted(os.listdir(directory))
+    index = [n for n in names if n.endswith(".safetensors.index.json")]
+    self.files: dict[str, SafetensorsFile] = {}
+    self.location: dict[str, str] = {}
+    if index:
+      with open(os.path.join(directory, index[0])) as f:
+        weight_map = json.load(f)["weight_map"]
+      for tensor, file in weight_map.items():
+        if file not in self.files:
+          path = os.path.join(directory, file)
+          if not os.path.exists(path):
+            raise FileNotFoundError(f"{index[0]} lists shard {file}, missing from {directory}")
+          self.files[file] = SafetensorsFile(path)
+        self.location[tensor] = file
+    else:
+      shards = [n for n in names if n.endswith(".safetensors")]
+      if not shards:
+        found = ", ".join(names) or "nothing"
+        raise FileNotFoundError(f"no *.safetensors in {directory} (found: {found}); only "
+                                "safetensors checkpoints are read, never pickles")
+      for file in shards:
+        self.files[file] = SafetensorsFile(os.path.join(directory, file))
+        for tensor in self.files[file].keys():
+          self.location[tensor] = file
+
+  def keys(self) -> list[str]:
+    return sorted(self.location)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.location
+
+  def info(self, name: str):
+    return self.files[self.location[name]].info(name)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.location:
+      raise KeyError(f"tensor {name} not in checkpoint")
+    return self.files[self.location[name]].get(name)
+
+
+def read_config(directory: str, name: str = "config.json") -> dict[str, Any]:
+  path = os.path.join(directory, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found (a diffusers/HF component needs its config.json)")
+  with open(path) as f:
+    return json.load(f)
+
+
+# A mapping rule turns a checkpoint tensor into the layout of one state leaf.
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def linear_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight [out, in] -> flax kernel [in, out]."""
+  return np.transpose(w)
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight [out, in, kh, kw] -> flax kernel [kh, kw, in, out]."""
+  return np.transpose(w, (2, 3, 1, 0))
+
+
+def place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
+  """Puts a host tensor into `target`'s sharding and dtype, copying only each device's slice."""
+  if tuple(array.shape) != tuple(target.shape):
+    raise CheckpointError(f"shape {array.shape} does not match the model's {target.shape}")
+  sharding = target.sharding
+  if sharding is None:
+    return jax.numpy.asarray(np.asarray(array).astype(target.dtype))
+  return jax.make_array_from_callback(
+      target.shape, sharding, lambda idx: np.asarray(array[idx]).astype(target.dtype))
+
+
+def load_tensors(checkpoint: Checkpoint, targets: dict[str, tuple[str, Transform | None,
+                                                                    jax.ShapeDtypeStruct]],
+                 ignore_unexpected: Iterable[str] = (), component: str = "") -> dict[str, jax.Array]:
+  """Loads and places every target tensor, with one error listing every problem by name.
+
+  Args:
+    checkpoint: the component's tensors.
+    targets: state path -> (checkpoint tensor name, transform or None, abstract target with
+      shape, dtype and sharding).
+    ignore_unexpected: checkpoint tensor names (exact) that the model does not use on purpose.
+    component: name for messages (e.g. "transformer").
+
+  Returns:
+    state path -> placed jax.Array.
+
+  Raises:
+    CheckpointError: missing tensors, unexpected tensors, or shape mismatches, all named.
+  """
+  problems, out, used = [], {}, set()
+  for path, (name, transform, target) in targets.items():
+    if name not in checkpoint:
+      problems.append(f"missing: {name} (for {path})")
+      continue
+    used.add(name)
+    array = checkpoint.get(name)
+    if transform is not None:
+      array = transform(array)
+    if tuple(array.shape) != tuple(target.shape):
+      problems.append(f"shape: {name} is {tuple(array.shape)} after conversion, {path} expects "
+                      f"{tuple(target.shape)}")
+      continue
+    out[path] = place(array, target)
+  unexpected = sorted(set(checkpoint.keys()) - used - set(ignore_unexpected))
+  problems.extend(f"unexpected: {name}" for name in unexpected)
+  if problems:
+    head = f"{component} checkpoint does not match the model" if component else \
+        "checkpoint does not match the model"
+    shown = problems[:40]
+    more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
+    raise CheckpointError(head + ":\n  " + "\n  ".join(shown) + more)
+  return out
