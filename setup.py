@@ -27,6 +27,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.88"],
+        # PyTorch oracles for the parity tests (CPU build; constraints.txt pins torch==2.13.0).
+        "parity": ["torch", "diffusers>=0.35"],
         # Accelerator builds of jax; install with `pip install -e ".[tpu]"` on a TPU VM.
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
