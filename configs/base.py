@@ -150,4 +150,6 @@ def get_config(arg=None):
   config.log.keep_checkpoints = 2
   # Show a progress bar.
   config.log.progress = True
+  # Capture a jax.profiler trace of this iteration into WORKDIR/profile (-1: never).
+  config.log.profile_iteration = -1
   return config

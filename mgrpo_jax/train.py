@@ -36,7 +36,12 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from mgrpo_jax import trainer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   logging.info("config:\n%s", _CONFIG.value)
-  metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except trainer.Preempted as e:
+    logging.warning("%s", e)
+    print(f"preempted: {e}", flush=True)
+    sys.exit(trainer.PREEMPTED_EXIT_CODE)
   rewards = {k: round(v, 4) for k, v in metrics.items() if k.startswith("reward/")}
   print(f"done: {rewards}", flush=True)
 

@@ -15,6 +15,8 @@ import functools
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -33,6 +35,14 @@ from mgrpo_jax.sampling import schedule, steps as steps_lib
 from mgrpo_jax.sampling.tree import TreeSpec, make_tree_spec
 
 Params = Any
+
+# Exit status of a run stopped by SIGTERM after writing its checkpoint (sysexits' EX_TEMPFAIL:
+# "try again"), so schedulers can tell preemption from failure and requeue.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered checkpoint; the run can be resumed from the workdir."""
 
 
 # ---- configuration -> static objects ----------------------------------------------------------
@@ -472,6 +482,14 @@ class Trainer:
     images = sharding_lib.local_rows(images)[:, 0]
     return self.writer.write_images(iteration, "eval", images, prompts)
 
+  def _preemption_requested(self) -> bool:
+    """True on every process once any process got SIGTERM (all stop at the same iteration)."""
+    flag = self._sigterm
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return flag
+
   def run(self) -> dict[str, float]:
     cfg = self.config
     timer = self.metrics_lib.Timer()
@@ -479,10 +497,31 @@ class Trainer:
     bar = self.metrics_lib.ProgressBar(total=total, initial=self.start_iteration,
                                        enabled=self.is_primary and cfg.log.progress)
     metrics = {}
+    self._sigterm = False
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+      def on_sigterm(signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: finishing this iteration, then checkpointing and exiting")
+        self._sigterm = True
+      previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+      return self._run(timer, bar, total, metrics)
+    finally:
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+  def _run(self, timer, bar, total, metrics):
+    cfg = self.config
     for iteration in range(self.start_iteration, total):
       timer.reset()
       t0 = time.perf_counter()
-      metrics = self.train_iteration(iteration, timer)
+      if iteration == cfg.log.profile_iteration:
+        # A trace of one whole iteration: every phase (sample, rewards, train) shows up in it.
+        with jax.profiler.trace(os.path.join(self.workdir, "profile")):
+          metrics = self.train_iteration(iteration, timer)
+      else:
+        metrics = self.train_iteration(iteration, timer)
       metrics.update({f"time/{k}": v for k, v in timer.totals().items()})
       metrics["time/iteration"] = time.perf_counter() - t0
       done = iteration + 1
@@ -491,6 +530,11 @@ class Trainer:
                      and not k.endswith("_std")})
       if done % cfg.log.eval_every == 0 or done == total:
         self.evaluate(done)
+      if self._preemption_requested():
+        self.save(done, force=True)
+        self.checkpointer.wait()
+        bar.close()
+        raise Preempted(f"preempted after iteration {done}; checkpoint written to {self.workdir}")
       if done % cfg.log.checkpoint_every == 0 or done == total:
         self.save(done, force=done == total)
     self.checkpointer.wait()
