@@ -26,7 +26,7 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.88"],
+        "test": ["pytest>=8", "chex>=0.1.88", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # PyTorch oracles for the parity tests (CPU build; constraints.txt pins torch==2.13.0).
         "parity": ["torch", "diffusers>=0.35"],
         # Accelerator builds of jax; install with `pip install -e ".[tpu]"` on a TPU VM.
