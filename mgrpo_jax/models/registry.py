@@ -1,0 +1,83 @@
+"""Generators by name: `config.model.name` selects a builder, the other fields are its arguments.
+
+  config.model = registry.default_tiny_model_config()      # name='tiny' + TinyConfig fields
+  generator = registry.get_generator(config.model)          # -> models.base.Generator
+
+A builder takes the model's config group and returns a `Generator`; new architectures register
+with `@register("name")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+from flax import nnx
+
+from mgrpo_jax.models import base
+from mgrpo_jax.models import tiny_mmdit
+from mgrpo_jax.models.tokenizer import ByteTokenizer
+
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], base.Generator]] = {}
+
+
+def register(name: str):
+  def decorator(fn):
+    if name in _BUILDERS:
+      raise ValueError(f"generator {name!r} is already registered")
+    _BUILDERS[name] = fn
+    return fn
+  return decorator
+
+
+def available_generators() -> list[str]:
+  return sorted(_BUILDERS)
+
+
+def get_generator(model_config: ml_collections.ConfigDict) -> base.Generator:
+  """Builds the generator named by `model_config.name`.
+
+  Raises:
+    ValueError: unknown name (lists the known ones) or fields the builder does not accept.
+  """
+  name = model_config.get("name")
+  if name not in _BUILDERS:
+    raise ValueError(f"config.model.name={name!r} is not a registered generator; "
+                     f"known: {available_generators()}")
+  return _BUILDERS[name](model_config)
+
+
+def _fields(model_config, cls) -> dict:
+  known = {f.name for f in dataclasses.fields(cls)}
+  given = {k: v for k, v in model_config.items() if k != "name"}
+  unknown = sorted(set(given) - known)
+  if unknown:
+    raise ValueError(f"config.model has fields {unknown} that {cls.__name__} does not know "
+                     f"(known: {sorted(known)})")
+  return given
+
+
+def default_tiny_model_config() -> ml_collections.ConfigDict:
+  """The tiny default generator's config group (every TinyConfig field, with its default)."""
+  config = ml_collections.ConfigDict()
+  config.name = "tiny"
+  for field in dataclasses.fields(tiny_mmdit.TinyConfig):
+    setattr(config, field.name, field.default)
+  return config
+
+
+@register("tiny")
+def _tiny(model_config) -> base.Generator:
+  cfg = tiny_mmdit.TinyConfig(**_fields(model_config, tiny_mmdit.TinyConfig))
+  return base.Generator(
+      name="tiny",
+      make_module=lambda rngs: tiny_mmdit.TinyT2I(cfg, rngs=rngs),
+      tokenize=ByteTokenizer(cfg.text_length),
+      latent_shape=cfg.latent_shape,
+      image_shape=cfg.image_shape)
+
+
+def make_module(model_config, seed: int = 0) -> nnx.Module:
+  """Convenience: the generator's module, random-initialised eagerly (tests, notebooks)."""
+  return get_generator(model_config).make_module(nnx.Rngs(seed))
