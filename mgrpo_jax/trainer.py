@@ -212,7 +212,7 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
     return new_state, metrics
 

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mgrpo_jax import sharding as sharding_lib
@@ -113,7 +114,10 @@ def test_train_step_one_and_eight_devices_agree():
     out, cond, neg_cond, _ = sample(trainable, frozen, tokens, neg, jax.random.key(0))
     # A perturbed adapter makes the gradient step non-trivial in both the policy and KL terms.
     trainable = jax.tree.map(lambda a: a + 0.01, trainable)
-    tx = trainer_lib.make_optimizer(config)
+    # Plain SGD makes the new parameters an exact linear function of the gradient; Adam's first
+    # step divides by |g| and turns float-rounding differences of near-zero gradient entries
+    # into O(learning rate) differences, which says nothing about sharding.
+    tx = optax.sgd(1.0)
     state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
              "step": jnp.zeros([], jnp.int32)}
     adv = jnp.asarray(np.linspace(-1, 1, out.log_probs.size).reshape(out.log_probs.shape))
@@ -128,7 +132,7 @@ def test_train_step_one_and_eight_devices_agree():
   for name in ("loss", "policy_loss", "kl", "grad_norm", "approx_kl"):
     np.testing.assert_allclose(m1[name], m8[name], rtol=1e-4, atol=1e-7, err_msg=name)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
 @needs_data
