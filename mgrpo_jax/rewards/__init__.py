@@ -1,0 +1,9 @@
+"""Rewards by name (`config.reward.names`): OCR accuracy, text colour, JPEG size, ...
+
+Importing the package registers every built-in reward.
+"""
+
+from mgrpo_jax.rewards import jpeg, ocr, text_color  # noqa: F401  (registration)
+from mgrpo_jax.rewards.base import (PerImageReward, available_rewards, check_batch,  # noqa: F401
+                                    get_reward, register)
+from mgrpo_jax.rewards.host import HostRewards, RewardError  # noqa: F401

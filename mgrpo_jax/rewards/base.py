@@ -1,0 +1,67 @@
+"""Reward registry: rewards are chosen by name from `config.reward.names`.
+
+A reward is a callable `fn(images, prompts, metadata) -> float32 [N]` with
+  images:   uint8 [N, H, W, 3] (RGB),
+  prompts:  N strings,
+  metadata: N dicts (the prompt record's metadata, e.g. {'text', 'color'} for OCR-Color-10).
+Per-image rewards subclass `PerImageReward` and implement `score_one`; the host runner then
+spreads their images over its thread pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+_REWARDS: dict[str, Callable[..., Any]] = {}
+
+
+def register(name: str):
+  """Class or factory decorator: `@register("ocr")`; kwargs of `get_reward` go to it."""
+  def decorator(factory):
+    if name in _REWARDS:
+      raise ValueError(f"reward {name!r} is already registered")
+    _REWARDS[name] = factory
+    return factory
+  return decorator
+
+
+def available_rewards() -> list[str]:
+  return sorted(_REWARDS)
+
+
+def get_reward(name: str, **kwargs):
+  """Builds the reward registered as `name`.
+
+  Raises:
+    ValueError: unknown name (the message lists the registered ones).
+  """
+  if name not in _REWARDS:
+    raise ValueError(f"unknown reward {name!r}; available: {available_rewards()}")
+  return _REWARDS[name](**kwargs)
+
+
+def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
+  """Raises ValueError unless images is uint8 [N, H, W, 3] with N prompts and N metadata."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"reward images must be uint8 [N, H, W, 3], got {images.dtype} "
+                     f"{images.shape}")
+  if len(prompts) != len(images) or len(metadata) != len(images):
+    raise ValueError(f"{len(images)} images but {len(prompts)} prompts and {len(metadata)} "
+                     "metadata entries")
+
+
+class PerImageReward:
+  """A reward computed independently per image (`score_one`), so it parallelises over images."""
+
+  per_image = True
+
+  def score_one(self, image: np.ndarray, prompt: str, metadata: dict) -> float:
+    raise NotImplementedError
+
+  def __call__(self, images, prompts, metadata) -> np.ndarray:
+    check_batch(images, prompts, metadata)
+    return np.asarray([self.score_one(im, p, m) for im, p, m in zip(images, prompts, metadata)],
+                      np.float32)
