@@ -87,6 +87,17 @@ def make_optimizer(config) -> optax.GradientTransformation:
   return tx
 
 
+def init_opt_state(tx, trainable, mesh):
+  """Optimizer state created sharded: moments like their parameters, counters replicated."""
+  abstract = jax.eval_shape(tx.init, trainable)
+  param_shardings = jax.tree.map(lambda a: a.sharding, trainable)
+  replicated = sharding_lib.replicated(mesh)
+  shardings = optax.tree_map_params(
+      tx, lambda _, sharding: sharding, abstract, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return jax.jit(tx.init, out_shardings=shardings)(trainable)
+
+
 # ---- the policy as pure functions of (trainable, frozen) states ----------------------------------
 @dataclasses.dataclass(frozen=True)
 class Policy:
@@ -270,7 +281,15 @@ def config_hash(config) -> str:
 class Trainer:
   """Owns the jitted functions, the state and the host-side helpers of one run."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, inference: bool = False):
+    """Builds everything and resumes from the workdir's latest checkpoint, if any.
+
+    Args:
+      config: the run's config.
+      workdir: checkpoints, metrics and images go here.
+      inference: only restore and render (mgrpo-sample): writes nothing to the workdir and
+        accepts a checkpoint made with other sampling settings (the state must still match).
+    """
     from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
@@ -280,6 +299,7 @@ class Trainer:
 
     self.config = config
     self.workdir = workdir
+    self.inference = inference
     self.is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh)
@@ -316,12 +336,14 @@ class Trainer:
     graphdef, trainable, self.frozen = build_model_states(self.generator, config, self.mesh)
     self.policy = Policy(graphdef, bool(config.lora.enabled))
     self.tx = make_optimizer(config)
-    opt_state = jax.jit(self.tx.init)(trainable)
+    opt_state = init_opt_state(self.tx, trainable, self.mesh)
+    replicated = sharding_lib.replicated(self.mesh)
     self.state = {"trainable": trainable, "opt_state": opt_state,
-                  "step": jnp.zeros([], jnp.int32)}
+                  "step": jax.device_put(jnp.zeros([], jnp.int32), replicated)}
     if config.advantage.per_prompt_history:
       k = 1 if self.adv_cfg.mode == "reward_mixing" else len(self.adv_cfg.weights)
-      self.state["prompt_stats"] = adv_lib.init_prompt_stats(len(self.records), k)
+      self.state["prompt_stats"] = jax.device_put(
+          adv_lib.init_prompt_stats(len(self.records), k), replicated)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.state)
 
     # Jitted functions.
@@ -345,11 +367,11 @@ class Trainer:
     self.rewards = rewards_lib.HostRewards(
         {name: {} for name in config.reward.names}, max_workers=config.reward.num_workers)
     self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.log.keep_checkpoints)
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary)
+    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
     self.metrics_lib = metrics_lib
     self.start_iteration = 0
     self._maybe_restore()
-    if self.is_primary:
+    if self.is_primary and not inference:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -370,7 +392,8 @@ class Trainer:
     step = self.checkpointer.latest_step()
     if step is None:
       return
-    self.checkpointer.check_metadata({"config_hash": config_hash(self.config)})
+    if not self.inference:
+      self.checkpointer.check_metadata({"config_hash": config_hash(self.config)})
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         self._checkpoint_state())
@@ -469,17 +492,33 @@ class Trainer:
     self._last_batch = batches[0]
     return out
 
+  def render(self, prompts: list[str], seed: int) -> np.ndarray:
+    """ODE samples (eval_num_steps, CFG) of `prompts` with noise from `seed`: uint8 [n, H, W, 3].
+
+    The batch is padded to a multiple of the data-parallel size with the last prompt; each
+    image depends only on its prompt, its row and the seed.
+    """
+    n = len(prompts)
+    if n == 0:
+      raise ValueError("render: no prompts given")
+    multiple = sharding_lib.batch_size_multiple(self.mesh) * jax.process_count()
+    padded = list(prompts) + [prompts[-1]] * (-n % multiple)
+    rows = len(padded) // jax.process_count()
+    local = padded[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    tokens = self._tokens(local)
+    neg = self._tokens([self.config.sample.negative_prompt] * len(local))
+    _, _, _, images = self.eval_fn(self.state["trainable"], self.frozen, tokens, neg,
+                                   jax.random.key(seed))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      images = multihost_utils.process_allgather(images, tiled=True)
+    return np.asarray(images)[:n, 0]
+
   def evaluate(self, iteration: int):
     """Writes a grid of ODE samples of fixed prompts with fixed noise."""
-    n = self.config.log.num_eval_prompts
-    n = max(n - n % sharding_lib.batch_size_multiple(self.mesh),
-            sharding_lib.batch_size_multiple(self.mesh))
+    n = max(1, self.config.log.num_eval_prompts)
     prompts = [self.records[i % len(self.records)].prompt for i in range(n)]
-    tokens = self._tokens(prompts)
-    neg = self._tokens([self.config.sample.negative_prompt] * n)
-    _, _, _, images = self.eval_fn(self.state["trainable"], self.frozen, tokens, neg,
-                                   jax.random.key(self.config.seed + 12345))
-    images = sharding_lib.local_rows(images)[:, 0]
+    images = self.render(prompts, self.config.seed + 12345)
     return self.writer.write_images(iteration, "eval", images, prompts)
 
   def _preemption_requested(self) -> bool:

@@ -26,6 +26,8 @@ def tiny_config(**overrides):
   config.reward.names = ("jpeg_compressibility", "jpeg_incompressibility")
   config.reward.weights = (1.0, 0.5)
   config.log.progress = False
+  # 8 simulated devices: 4-way data parallel (one prompt per shard) x 2-way tensor parallel.
+  config.mesh.data, config.mesh.tensor = 4, 2
   for key, value in overrides.items():
     group, field = key.split(".")
     setattr(config[group], field, value)
@@ -104,7 +106,9 @@ def test_train_step_one_and_eight_devices_agree():
   prompts = [f'a sign that reads "test {i}"' for i in range(8)]
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
-    mesh = sharding_lib.make_mesh(config.mesh, devices)
+    # One device against 4-way data x 2-way tensor parallelism.
+    mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if len(devices) == 1
+                                  else config.mesh, devices)
     graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
     policy = trainer_lib.Policy(graphdef, True)
     tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
