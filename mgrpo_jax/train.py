@@ -29,6 +29,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint phase at INFO; the progress bar and metrics.jsonl report the
+    # run. `--verbosity=0` brings the INFO log back.
+    logging.set_verbosity(logging.WARNING)
   if _DISTRIBUTED.value or _COORDINATOR.value:
     import jax  # pylint: disable=g-import-not-at-top
     # JAX's own multi-controller runtime: every process runs this same program.
@@ -36,6 +40,7 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from mgrpo_jax import trainer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   logging.info("config:\n%s", _CONFIG.value)
+  print(f"mgrpo-train: workdir {_WORKDIR.value}", flush=True)
   try:
     metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted as e:

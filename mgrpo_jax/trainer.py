@@ -402,7 +402,7 @@ class Trainer:
     self.state = restored
     self.loader.set_state(data_state)
     self.start_iteration = int(step)
-    logging.info("resumed from iteration %d in %s", step, self.workdir)
+    logging.warning("resuming from the checkpoint of iteration %d in %s", step, self.workdir)
 
   def save(self, iteration: int, force: bool = False):
     self.checkpointer.save(iteration, self._checkpoint_state(), self.loader.get_state(),
