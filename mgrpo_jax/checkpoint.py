@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -334,3 +335,36 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def load_numpy(workdir: str, step: int | None = None) -> tuple[int, PyTree]:
+  """Reads a saved training state as numpy arrays on the host, without a mesh or a model.
+
+  For inspection, export and tests; training restores with `Checkpointer.restore` instead,
+  which places every array in its sharding.
+
+  Args:
+    workdir: the run's workdir (holding `checkpoints/`).
+    step: the step to read; default the latest.
+
+  Returns:
+    (step, state) with state {'trainable', 'opt_state', 'step', ...} of numpy arrays.
+
+  Raises:
+    FileNotFoundError: no checkpoint (or not that step) in `workdir`.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # Orbax writes a step under a temporary name and renames it when complete, so only finished
+  # checkpoints have all-digit names.
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
+      if os.path.isdir(directory) else []
+  if not steps or (step is not None and int(step) not in steps):
+    raise FileNotFoundError(f"no committed checkpoint {'' if step is None else step} in "
+                            f"{directory} (found steps {steps})")
+  step = steps[-1] if step is None else int(step)
+  path = os.path.join(directory, str(step), _STATE)
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree,
+                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+  return step, checkpointer.restore(path, target)
