@@ -382,11 +382,23 @@ class Trainer:
       stats, mean, std = adv_lib.update_prompt_stats(
           stats, prompt_index, adv_lib.stats_rewards(rewards, cfg))
       leaf_stats = (mean, std)
-    return adv_lib.compute_advantages(rewards, spec, cfg, leaf_stats), stats
+    adv = adv_lib.compute_advantages(rewards, spec, cfg, leaf_stats)
+    # Summaries are reduced here, on device, so the host reads replicated scalars even when the
+    # batch spans processes.
+    summary = {"advantage/mean": adv.transitions.mean(), "advantage/std": adv.transitions.std(),
+               "advantage/abs_max": jnp.abs(adv.transitions).max(initial=0.0),
+               "advantage/kept_fraction": adv.keep.mean()}
+    for k in range(rewards.shape[-1]):
+      summary[f"reward/{k}"] = rewards[..., k].mean()
+      summary[f"reward/{k}_std"] = rewards[..., k].std()
+    return adv, stats, summary
 
   # -- checkpoints ---------------------------------------------------------------------------------
   def _checkpoint_state(self):
-    return {**self.state, "rng": jax.random.key_data(jax.random.key(self.config.seed))}
+    # Every array in a multi-host checkpoint must be a global array: the key is replicated.
+    rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)),
+                         sharding_lib.replicated(self.mesh))
+    return {**self.state, "rng": rng}
 
   def _maybe_restore(self):
     step = self.checkpointer.latest_step()
@@ -449,7 +461,7 @@ class Trainer:
                                           self.mesh)
       index = sharding_lib.global_batch(
           np.concatenate([np.asarray(b["data"]["index"], np.int32) for b in batches]), self.mesh)
-      adv, stats = self.advantage_fn(rewards, index, self.state.get("prompt_stats"))
+      adv, stats, summary = self.advantage_fn(rewards, index, self.state.get("prompt_stats"))
       if stats is not None:
         self.state["prompt_stats"] = stats
       P = cfg.data.prompts_per_batch
@@ -475,16 +487,12 @@ class Trainer:
     self.state.update(trainable_state)
 
     out = _mean_metrics(train_metrics)
-    all_rewards = np.concatenate([b["rewards"] for b in batches])
-    for k, name in enumerate(cfg.reward.names):
-      out[f"reward/{name}"] = float(all_rewards[..., k].mean())
-      out[f"reward/{name}_std"] = float(all_rewards[..., k].std())
-    transitions = np.asarray(adv.transitions)
+    summary = jax.device_get(summary)
+    for k, name in enumerate(cfg.reward.names):  # over the global batch, on every process
+      out[f"reward/{name}"] = float(summary.pop(f"reward/{k}"))
+      out[f"reward/{name}_std"] = float(summary.pop(f"reward/{k}_std"))
+    out.update({k: float(v) for k, v in summary.items()})
     out.update({
-        "advantage/mean": float(transitions.mean()),
-        "advantage/std": float(transitions.std()),
-        "advantage/abs_max": float(np.abs(transitions).max()) if transitions.size else 0.0,
-        "advantage/kept_fraction": float(np.asarray(adv.keep).mean()),
         "nfe/per_prompt": float(self.spec.nfe),
         "nfe/independent_per_prompt": float(self.spec.nfe_independent),
         "samples/leaves_per_prompt": float(self.spec.num_leaves),
