@@ -52,6 +52,29 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...], rules=LOGICAL_RULES
+              ) -> jax.Array:
+  """Pins an activation's sharding by logical axis names, inside `jax.set_mesh(mesh)`.
+
+  Without these hints XLA may resolve a batch-sharded activation meeting an FSDP-sharded weight
+  by gathering the batch instead of the weight, which multiplies activation memory by the
+  device count. Outside a mesh context (single-device use, tests) it is the identity.
+  """
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  spec = nn.logical_to_mesh_axes(logical_axes, rules)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def with_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """Wraps `fn` (typically jitted) so it traces and runs inside `jax.set_mesh(mesh)`."""
+  def wrapped(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  wrapped.__wrapped__ = fn
+  return wrapped
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Sharding of an array whose leading axis is the (prompt) batch."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))

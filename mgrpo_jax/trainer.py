@@ -346,23 +346,25 @@ class Trainer:
           adv_lib.init_prompt_stats(len(self.records), k), replicated)
     self.state_shardings = jax.tree.map(lambda a: a.sharding, self.state)
 
-    # Jitted functions.
-    self.sample_fn = jax.jit(make_sample_fn(self.policy, self.spec, self.sampler, self.sigmas,
-                                            self.generator.latent_shape))
+    # Jitted functions, traced and run inside the mesh context so the models' activation
+    # sharding hints apply.
+    on_mesh = functools.partial(sharding_lib.with_mesh, mesh=self.mesh)
+    self.sample_fn = on_mesh(jax.jit(make_sample_fn(
+        self.policy, self.spec, self.sampler, self.sigmas, self.generator.latent_shape)))
     eval_spec = TreeSpec(config.sample.eval_num_steps, 1, (), (),
                          (False,) * config.sample.eval_num_steps)
-    self.eval_fn = jax.jit(make_sample_fn(
+    self.eval_fn = on_mesh(jax.jit(make_sample_fn(
         self.policy, eval_spec, self.sampler,
         schedule.flow_match_sigmas(config.sample.eval_num_steps, config.sample.shift),
-        self.generator.latent_shape))
+        self.generator.latent_shape)))
     train_step = make_train_step(self.policy, self.tx, self.spec, self.sampler, self.sigmas,
                                  config.train)
     train_state_sh = {k: v for k, v in self.state_shardings.items() if k != "prompt_stats"}
-    self.train_step = jax.jit(train_step, donate_argnums=(0,),
-                              out_shardings=(train_state_sh, None))
-    self.minibatch_fn = jax.jit(make_minibatch_fn(config.train.num_minibatches))
-    self.advantage_fn = jax.jit(functools.partial(self._advantages, spec=self.spec,
-                                                  cfg=self.adv_cfg))
+    self.train_step = on_mesh(jax.jit(train_step, donate_argnums=(0,),
+                                      out_shardings=(train_state_sh, None)))
+    self.minibatch_fn = on_mesh(jax.jit(make_minibatch_fn(config.train.num_minibatches)))
+    self.advantage_fn = on_mesh(jax.jit(functools.partial(self._advantages, spec=self.spec,
+                                                          cfg=self.adv_cfg)))
 
     self.rewards = rewards_lib.HostRewards(
         {name: {} for name in config.reward.names}, max_workers=config.reward.num_workers)

@@ -110,6 +110,9 @@ def test_train_step_one_and_eight_devices_agree():
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if len(devices) == 1
                                   else config.mesh, devices)
     graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+    # Traced under the mesh, as the trainer does, so the activation sharding hints apply.
+    context = jax.set_mesh(mesh)
+    context.__enter__()
     policy = trainer_lib.Policy(graphdef, True)
     tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
     neg = sharding_lib.global_batch(generator.tokenize([""] * 8), mesh)
@@ -132,6 +135,7 @@ def test_train_step_one_and_eight_devices_agree():
     new_state, metrics = step(state, batch, jax.random.key(1), frozen)
     results.append((jax.tree.map(np.asarray, new_state["trainable"]),
                     {k: np.asarray(v) for k, v in metrics.items()}))
+    context.__exit__(None, None, None)
   (p1, m1), (p8, m8) = results
   for name in ("loss", "policy_loss", "kl", "grad_norm", "approx_kl"):
     np.testing.assert_allclose(m1[name], m8[name], rtol=1e-4, atol=1e-7, err_msg=name)

@@ -39,7 +39,9 @@ class LoRALinear(nnx.Module):
     # The adapter inherits the base kernel's logical axes on its outer dimensions, so it shards
     # like the layer it adapts; the rank axis is small and replicated.
     axes = base.kernel.get_metadata().get("out_sharding") or (None, None)
-    param_dtype = base.kernel[...].dtype
+    # Adapters are trained, so they live in float32 whatever the frozen base's dtype (bf16 for
+    # real checkpoints); they are cast to the compute dtype in the forward pass.
+    param_dtype = jnp.float32
     init_a = nnx.with_partitioning(nnx.initializers.normal(1.0 / rank), (axes[0], None))
     init_b = nnx.with_partitioning(nnx.initializers.zeros_init(), (None, axes[1]))
     self.lora_a = nnx.LoRAParam(init_a(rngs.params(), (self.in_features, rank), param_dtype))

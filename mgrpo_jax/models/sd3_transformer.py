@@ -36,7 +36,14 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax.models import weights
+
+# Logical axes of activations: batch split over the data axes, heads / MLP over 'tensor', the
+# model width replicated (FSDP gathers weights, not activations).
+_TOKENS = ("batch", None, None)
+_HEADS = ("batch", None, "heads", None)
+_MLP = ("batch", None, "mlp")
 
 # Diffusers' `Timesteps(num_channels=256)` inside CombinedTimestepTextProjEmbeddings.
 TIME_PROJ_DIM = 256
@@ -267,7 +274,8 @@ class FeedForward(nnx.Module):
     self.proj_out = _linear(cfg, 4 * dim, dim, ("mlp", "embed"), rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.proj_out(jax.nn.gelu(self.proj_in(x), approximate=True))
+    hidden = sharding_lib.constrain(jax.nn.gelu(self.proj_in(x), approximate=True), _MLP)
+    return self.proj_out(hidden)
 
 
 class Attention(nnx.Module):
@@ -303,7 +311,7 @@ class Attention(nnx.Module):
 
   def _qkv(self, x, proj_q, proj_k, proj_v, norm_q, norm_k):
     split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
-    q, k, v = split(proj_q(x)), split(proj_k(x)), split(proj_v(x))
+    q, k, v = (sharding_lib.constrain(split(p(x)), _HEADS) for p in (proj_q, proj_k, proj_v))
     if norm_q is not None:
       q, k = norm_q(q), norm_k(k)
     return q, k, v
@@ -484,13 +492,21 @@ class SD3Transformer(nnx.Module):
     x = x.astype(jnp.float32) + pos[None]
     temb = self.time_text_embed(sigma * TIMESTEP_SCALE, pooled_projections)
     context = self.context_embedder(encoder_hidden_states.astype(cfg.dtype)).astype(jnp.float32)
+    x, context = sharding_lib.constrain(x, _TOKENS), sharding_lib.constrain(context, _TOKENS)
 
-    def run_block(block, x, context, temb):
-      return block(x, context, temb)
-    if cfg.remat:
-      run_block = nnx.remat(run_block)
     for block in self.transformer_blocks:
-      x, context = run_block(block, x, context, temb)
+      if cfg.remat:
+        # A pure function of the block's state under jax.checkpoint: only the block inputs are
+        # saved for the backward pass. (nnx.remat would try to write the block's variables back,
+        # which fails when this module was merged inside an outer jax transform.)
+        graphdef, state = nnx.split(block)
+        run = jax.checkpoint(lambda st, *a, g=graphdef: nnx.merge(g, st)(*a))
+        x, context = run(state, x, context, temb)
+      else:
+        x, context = block(x, context, temb)
+      x = sharding_lib.constrain(x, _TOKENS)
+      if context is not None:
+        context = sharding_lib.constrain(context, _TOKENS)
 
     x = self.norm_out(x, temb).astype(cfg.dtype)
     x = self.proj_out(x).astype(jnp.float32)  # [B, gh * gw, p * p * out]
