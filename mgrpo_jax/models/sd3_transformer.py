@@ -543,10 +543,6 @@ def checkpoint_name(path: str) -> tuple[str, weights.Transform | None]:
   raise ValueError(f"state path {path} has no diffusers counterpart (leaf {leaf!r})")
 
 
-def _path_str(path: tuple) -> str:
-  return ".".join(str(k) for k in path)
-
-
 def check_pos_embed_buffer(checkpoint: weights.Checkpoint, config: SD3TransformerConfig,
                            num_rows: int = 64) -> None:
   """Compares sampled rows of the stored `pos_embed.pos_embed` with the recomputed table.
@@ -602,31 +598,9 @@ def load_sd3_transformer(directory: str, abstract_state: nnx.State, mesh=None,
   """
   config = SD3TransformerConfig.from_diffusers_config(weights.read_config(directory))
   checkpoint = weights.Checkpoint(directory)
-  shardings = None
-  if mesh is not None:
-    from mgrpo_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-    shardings = sharding_lib.state_shardings(abstract_state, mesh,
-                                             rules or sharding_lib.LOGICAL_RULES)
-    shardings = dict(nnx.to_flat_state(shardings))
-  flat = nnx.to_flat_state(abstract_state)
-  targets = {}
-  for path, variable in flat:
-    leaf = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-    sharding = getattr(leaf, "sharding", None)
-    if shardings is not None:
-      s = shardings[path]
-      sharding = s.get_value() if isinstance(s, nnx.Variable) else s
-    target = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-    name, transform = checkpoint_name(_path_str(path))
-    targets[_path_str(path)] = (name, transform, target)
   check_pos_embed_buffer(checkpoint, config)
-  loaded = weights.load_tensors(checkpoint, targets, ignore_unexpected=(POS_EMBED_BUFFER,),
-                                component="transformer")
-  out = []
-  for path, variable in flat:
-    value = loaded[_path_str(path)]
-    out.append((path, variable.replace(value) if isinstance(variable, nnx.Variable) else value))
-  return nnx.from_flat_state(out)
+  return weights.load_state(checkpoint, abstract_state, checkpoint_name, component="transformer",
+                            mesh=mesh, rules=rules, ignore_unexpected=(POS_EMBED_BUFFER,))
 
 
 def from_pretrained(directory: str, mesh=None, rules=None, **overrides) -> SD3Transformer:

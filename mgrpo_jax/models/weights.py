@@ -187,3 +187,49 @@ def load_tensors(checkpoint: Checkpoint, targets: dict[str, tuple[str, Transform
     more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
     raise CheckpointError(head + ":\n  " + "\n  ".join(shown) + more)
   return out
+
+
+def load_state(checkpoint: Checkpoint, abstract_state, name_fn: Callable[[str], tuple[str, Any]],
+               component: str = "", mesh=None, rules=None,
+               ignore_unexpected: Iterable[str] = ()):
+  """Fills an NNX state from a checkpoint, mapping each dotted state path with `name_fn`.
+
+  Args:
+    checkpoint: the component's tensors.
+    abstract_state: nnx.State whose leaves (ShapeDtypeStruct or arrays) give the target shape
+      and dtype, and through `.sharding` the placement.
+    name_fn: dotted state path -> (checkpoint tensor name, transform to our layout or None).
+    component: name for error messages.
+    mesh, rules: if given, place by the leaves' logical axis names mapped by `rules` (default
+      `mgrpo_jax.sharding.LOGICAL_RULES`) instead of their `.sharding`.
+    ignore_unexpected: checkpoint tensors the model does not use on purpose.
+
+  Returns:
+    An nnx.State of the same structure with loaded, placed arrays.
+
+  Raises:
+    CheckpointError: every missing, unexpected or wrongly shaped tensor, named.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  shardings = None
+  if mesh is not None:
+    from mgrpo_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+    shardings = dict(nnx.to_flat_state(sharding_lib.state_shardings(
+        abstract_state, mesh, rules or sharding_lib.LOGICAL_RULES)))
+  flat = nnx.to_flat_state(abstract_state)
+  key = lambda path: ".".join(str(k) for k in path)
+  targets = {}
+  for path, variable in flat:
+    leaf = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+    sharding = getattr(leaf, "sharding", None)
+    if shardings is not None:
+      s = shardings[path]
+      sharding = s.get_value() if isinstance(s, nnx.Variable) else s
+    name, transform = name_fn(key(path))
+    targets[key(path)] = (name, transform, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                sharding=sharding))
+  loaded = load_tensors(checkpoint, targets, ignore_unexpected=ignore_unexpected,
+                        component=component)
+  out = [(path, variable.replace(loaded[key(path)]) if isinstance(variable, nnx.Variable)
+          else loaded[key(path)]) for path, variable in flat]
+  return nnx.from_flat_state(out)
