@@ -151,9 +151,21 @@ def build_model_states(generator, config, mesh):
     _, trainable, frozen = split(make())
     return trainable, frozen
 
-  trainable, frozen = sharding_lib.create_sharded(init, mesh)
-  if generator.load_weights is not None:
-    frozen = generator.load_weights(frozen, mesh)
+  # The frozen reference of full fine-tuning must not share buffers with the trainable state,
+  # which the train step donates.
+  copy = lambda state: jax.tree.map(jnp.copy, state)
+  if generator.load_weights is None:
+    trainable, frozen = sharding_lib.create_sharded(init, mesh)
+    return graphdef, trainable, copy(trainable) if keep_reference else frozen
+  # Real weights: nothing of the base is initialised randomly. Only the adapters are created (the
+  # base's random init is dead code XLA drops); the rest streams from disk into its sharding.
+  abstract_trainable, abstract_frozen = jax.eval_shape(init)
+  if use_lora:
+    trainable = sharding_lib.create_sharded(lambda: init()[0], mesh)
+    frozen = generator.load_weights(abstract_frozen, mesh)
+  else:
+    trainable = generator.load_weights(abstract_trainable, mesh)
+    frozen = copy(trainable) if keep_reference else nnx.State({})
   return graphdef, trainable, frozen
 
 

@@ -78,6 +78,22 @@ def _tiny(model_config) -> base.Generator:
       image_shape=cfg.image_shape)
 
 
+def sd3_model_config(path: str = "") -> ml_collections.ConfigDict:
+  """The config group of an SD3 / SD3.5 generator read from a local diffusers directory."""
+  from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict()
+  config.name = "sd3"
+  for field in dataclasses.fields(sd3.SD3Settings):
+    setattr(config, field.name, path if field.name == "path" else field.default)
+  return config
+
+
+@register("sd3")
+def _sd3(model_config) -> base.Generator:
+  from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
+  return sd3.make_generator(sd3.SD3Settings(**_fields(model_config, sd3.SD3Settings)))
+
+
 def make_module(model_config, seed: int = 0) -> nnx.Module:
   """Convenience: the generator's module, random-initialised eagerly (tests, notebooks)."""
   return get_generator(model_config).make_module(nnx.Rngs(seed))

@@ -419,10 +419,10 @@ def _hf_name(path: str):
   raise ValueError(f"state path {path} has no transformers counterpart")
 
 
-def _load(module_cls, config, directory, mesh, rules, component, ignore_suffixes=(),
-          aliases=None):
-  """Builds `module_cls(config)` abstractly and fills it from the directory's safetensors."""
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0))))
+def _load_state(config_cls, module_cls, directory, abstract_state, mesh, rules, component,
+                ignore_suffixes=(), aliases=None, overrides=None):
+  """Fills `abstract_state` (of `module_cls`) from a transformers directory's safetensors."""
+  config_cls.from_hf_config(weights.read_config(directory), **(overrides or {}))  # validates
   checkpoint = weights.Checkpoint(directory)
 
   def name_fn(path):
@@ -432,31 +432,47 @@ def _load(module_cls, config, directory, mesh, rules, component, ignore_suffixes
     return name, transform
 
   ignored = tuple(n for n in checkpoint.keys() if n.endswith(tuple(ignore_suffixes)))
-  state = weights.load_state(checkpoint, abstract, name_fn, component=component, mesh=mesh,
-                             rules=rules, ignore_unexpected=ignored)
-  return nnx.merge(graphdef, state)
+  del module_cls
+  return weights.load_state(checkpoint, abstract_state, name_fn, component=component, mesh=mesh,
+                            rules=rules, ignore_unexpected=ignored)
 
 
-def load_clip_text(directory: str, mesh=None, rules=None, **overrides
-                   ) -> CLIPTextModelWithProjection:
-  """A transformers CLIPTextModelWithProjection directory -> our module (weights loaded).
+def load_clip_text_state(directory: str, abstract_state, mesh=None, rules=None) -> nnx.State:
+  """Fills the state of a `CLIPTextModelWithProjection` from a transformers directory.
 
   Raises:
     ValueError: an unsupported config value (e.g. hidden_act), named.
     CheckpointError: missing / unexpected / mis-shaped tensors, named.
   """
-  config = CLIPTextConfig.from_hf_config(weights.read_config(directory), **overrides)
-  return _load(CLIPTextModelWithProjection, config, directory, mesh, rules, "CLIP text encoder",
-               ignore_suffixes=("position_ids",))
+  return _load_state(CLIPTextConfig, CLIPTextModelWithProjection, directory, abstract_state,
+                     mesh, rules, "CLIP text encoder", ignore_suffixes=("position_ids",))
 
 
-def load_t5_encoder(directory: str, mesh=None, rules=None, **overrides) -> T5EncoderModel:
-  """A transformers T5EncoderModel directory -> our module (weights loaded).
+def load_t5_state(directory: str, abstract_state, mesh=None, rules=None) -> nnx.State:
+  """Fills the state of a `T5EncoderModel` from a transformers directory.
 
   The token table is stored as `shared.weight` and/or `encoder.embed_tokens.weight` (tied);
   whichever is present is used and the other is ignored.
   """
+  return _load_state(T5Config, T5EncoderModel, directory, abstract_state, mesh, rules,
+                     "T5 encoder", ignore_suffixes=("encoder.embed_tokens.weight",),
+                     aliases={"shared.weight": "encoder.embed_tokens.weight"})
+
+
+def _from_pretrained(config, module_cls, load_fn, directory, mesh, rules):
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, load_fn(directory, abstract, mesh=mesh, rules=rules))
+
+
+def load_clip_text(directory: str, mesh=None, rules=None, **overrides
+                   ) -> CLIPTextModelWithProjection:
+  """A transformers CLIPTextModelWithProjection directory -> our module with its weights."""
+  config = CLIPTextConfig.from_hf_config(weights.read_config(directory), **overrides)
+  return _from_pretrained(config, CLIPTextModelWithProjection, load_clip_text_state, directory,
+                          mesh, rules)
+
+
+def load_t5_encoder(directory: str, mesh=None, rules=None, **overrides) -> T5EncoderModel:
+  """A transformers T5EncoderModel directory -> our module with its weights."""
   config = T5Config.from_hf_config(weights.read_config(directory), **overrides)
-  return _load(T5EncoderModel, config, directory, mesh, rules, "T5 encoder",
-               ignore_suffixes=("encoder.embed_tokens.weight",),
-               aliases={"shared.weight": "encoder.embed_tokens.weight"})
+  return _from_pretrained(config, T5EncoderModel, load_t5_state, directory, mesh, rules)
