@@ -1,0 +1,186 @@
+r"""Per-device memory of the real-size SD3.5-Medium LoRA train step, compiled ahead of time.
+
+  python bench/memory_plan.py                                  # 8 simulated devices, fsdp=8
+  python bench/memory_plan.py --mesh 2,4,1 --batch 1 2 4
+  python bench/memory_plan.py --num_layers 2                   # quick check of the script
+
+Nothing is allocated: the model (SD3.5-Medium's transformer config, bf16 weights, float32 LoRA
+r=32 on the attention projections of both streams) is built with `nnx.eval_shape`, the
+Multi-GRPO train step (policy forward with CFG, the reference forward for the KL term,
+backward, AdamW) is lowered for abstract arguments carrying their shardings on a simulated
+mesh, and XLA's memory analysis of the compiled program is printed per device: arguments
+(frozen weights, adapters, optimizer state, batch), outputs and temporaries (activations kept for
+the backward pass). The text conditioning is precomputed (the trainer stores it per prompt), so
+the text encoders and the VAE are not part of this step.
+
+Rematerialisation (`config.model.remat`) cannot be measured this way: XLA:CPU merges the
+recomputed forward with the original one (common-subexpression elimination), so a CPU compile
+with remat keeps every activation. The remat column is therefore an estimate from two small
+compilations of the temporaries: with per-block cost a = T(2 layers) - T(1 layer) and the rest
+b = T(1) - a, remat keeps b + a (one block's activations while it is recomputed) + the saved
+block inputs of every layer, on top of the full model's arguments and outputs. The "linear"
+column, b + a * layers, checks that model against the full compile's temporaries.
+
+Figures are XLA:CPU's, with attention materialising its score matrices; TPU and GPU kernels
+(flash attention through `jax.nn.dot_product_attention`) need much less, so read these as upper
+bounds that tell which slice is certainly large enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  _n = 8
+  for i, a in enumerate(sys.argv):
+    if a.startswith("--devices"):
+      _n = int(a.split("=")[1]) if "=" in a else int(sys.argv[i + 1])
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             f" --xla_force_host_platform_device_count={_n}")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import mgrpo_jax  # noqa: E402,F401
+from mgrpo_jax import sharding as sharding_lib  # noqa: E402
+from mgrpo_jax import trainer as trainer_lib  # noqa: E402
+from mgrpo_jax.models import lora as lora_lib  # noqa: E402
+from mgrpo_jax.models import sd3_transformer  # noqa: E402
+from mgrpo_jax.sampling import rollout as rollout_lib  # noqa: E402
+from mgrpo_jax.sampling import schedule  # noqa: E402
+from mgrpo_jax.sampling.tree import make_tree_spec  # noqa: E402
+
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (architecture fields).
+SD35_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# Flow-GRPO's LoRA targets for SD3 (both streams' q/k/v/out of the joint attention).
+LORA_TARGETS = (r"attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",)
+GiB = 1024 ** 3
+
+
+class Velocity(nnx.Module):
+  """The transformer behind the generator interface's `velocity(x, sigma, cond)`."""
+
+  def __init__(self, config, rngs):
+    self.transformer = sd3_transformer.SD3Transformer(config, rngs=rngs)
+
+  def velocity(self, x, sigma, cond):
+    return self.transformer(x, sigma, cond["hidden"], cond["pooled"])
+
+
+def plan(args, per_device: int, remat: bool) -> dict[str, float]:
+  mesh = sharding_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), args.mesh)))
+  arch = dict(SD35_MEDIUM, num_layers=args.num_layers,
+              dual_attention_layers=tuple(i for i in SD35_MEDIUM["dual_attention_layers"]
+                                          if i < args.num_layers))
+  config = sd3_transformer.SD3TransformerConfig(**arch, dtype=jnp.bfloat16,
+                                                param_dtype=jnp.bfloat16, remat=remat)
+
+  def make():
+    model = Velocity(config, nnx.Rngs(0))
+    lora_lib.apply_lora(model, LORA_TARGETS, args.lora_rank, 2.0 * args.lora_rank,
+                        rngs=nnx.Rngs(1))
+    return model
+
+  graphdef, lora_state, base_state = lora_lib.split_lora(nnx.eval_shape(make))
+
+  def with_sharding(tree):
+    shardings = sharding_lib.state_shardings(tree, mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        tree, shardings)
+
+  trainable, frozen = with_sharding(lora_state), with_sharding(base_state)
+  train_cfg = ml_collections.ConfigDict({"beta": args.beta, "clip_range": 1e-4,
+                                         "kl_mode": "flow_grpo", "learning_rate": 3e-4,
+                                         "b1": 0.9, "b2": 0.999, "adam_eps": 1e-8,
+                                         "weight_decay": 1e-4, "max_grad_norm": 1.0,
+                                         "grad_accum_steps": 1})
+  tx = trainer_lib.make_optimizer(ml_collections.ConfigDict({"train": train_cfg}))
+  opt_state = jax.eval_shape(tx.init, trainable)
+  replicated = sharding_lib.replicated(mesh)
+  # Moments shard like their parameters; scalar counters are replicated.
+  import optax  # pylint: disable=g-import-not-at-top
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, opt_state, jax.tree.map(lambda a: a.sharding, trainable),
+      transform_non_params=lambda _: replicated)
+  opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           opt_state, opt_shardings)
+  state = {"trainable": trainable, "opt_state": opt_state,
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+
+  T = 10
+  spec = make_tree_spec(T, schedule.sde_step_mask(T, None), num_roots=1)
+  sampler = rollout_lib.SamplerConfig(guidance_scale=args.cfg)
+  sigmas = schedule.flow_match_sigmas(T, 3.0)
+  step = trainer_lib.make_train_step(trainer_lib.Policy(graphdef, True), tx, spec, sampler,
+                                     sigmas, train_cfg)
+
+  P = per_device * sharding_lib.batch_size_multiple(mesh)
+  h = args.resolution // 8
+  def batched(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh,
+                                                                                   len(shape)))
+  cond = {"hidden": batched((P, args.text_len, 4096), jnp.bfloat16),
+          "pooled": batched((P, 2048), jnp.bfloat16)}
+  batch = {"latents": batched((P, 1, h, h, 16), jnp.float32),
+           "next_latents": batched((P, 1, h, h, 16), jnp.float32),
+           "log_probs": batched((P, 1), jnp.float32), "steps": batched((P, 1), jnp.int32),
+           "advantages": batched((P, 1), jnp.float32), "keep": batched((P, 1), jnp.float32),
+           "cond": cond, "neg_cond": cond if args.cfg != 1.0 else None}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+  with jax.set_mesh(mesh):  # activation sharding hints (sharding.constrain) need the mesh
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, key, frozen).compile()
+  mem = compiled.memory_analysis()
+  return {"arguments": mem.argument_size_in_bytes / GiB, "outputs": mem.output_size_in_bytes / GiB,
+          "temporaries": mem.temp_size_in_bytes / GiB,
+          "total": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                    + mem.output_size_in_bytes - mem.alias_size_in_bytes) / GiB}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--devices", type=int, default=8)
+  parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes")
+  parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4],
+                      help="transitions per data-parallel device per train step")
+  parser.add_argument("--num_layers", type=int, default=SD35_MEDIUM["num_layers"])
+  parser.add_argument("--resolution", type=int, default=512)
+  parser.add_argument("--text_len", type=int, default=77 + 256, help="CLIP 77 + T5 tokens")
+  parser.add_argument("--cfg", type=float, default=4.5)
+  parser.add_argument("--beta", type=float, default=0.04)
+  parser.add_argument("--lora_rank", type=int, default=32)
+  args = parser.parse_args()
+  args.mesh = tuple(int(x) for x in args.mesh.split(","))
+  print(f"SD3.5-Medium transformer ({args.num_layers} layers), {args.resolution} px, text "
+        f"{args.text_len} tokens, CFG {args.cfg}, beta {args.beta}, LoRA r={args.lora_rank}; "
+        f"mesh data,fsdp,tensor={args.mesh} on {jax.device_count()} simulated devices; GiB per "
+        "device")
+  print(f"{'batch/dev':>9} {'args':>7} {'temp':>8} {'total':>8} {'temp lin.':>9} "
+        f"{'remat (est.)':>13}")
+  full_layers = args.num_layers
+  tokens = (args.resolution // 16) ** 2 + args.text_len
+  for b in args.batch:
+    args.num_layers = full_layers
+    full = plan(args, b, remat=False)
+    args.num_layers = 1
+    one = plan(args, b, remat=False)["temporaries"]
+    args.num_layers = 2
+    two = plan(args, b, remat=False)["temporaries"]
+    per_block, rest = two - one, 2 * one - two
+    # Saved per block under remat: its image and text stream inputs (float32), for the CFG pair.
+    saved = (2 if args.cfg != 1.0 else 1) * b * tokens * 1536 * 4 / GiB
+    remat = full["arguments"] + full["outputs"] + rest + per_block + saved * full_layers
+    print(f"{b:>9} {full['arguments']:>7.2f} {full['temporaries']:>8.2f} {full['total']:>8.2f} "
+          f"{rest + per_block * full_layers:>9.2f} {remat:>13.2f}", flush=True)
+
+if __name__ == "__main__":
+  main()
