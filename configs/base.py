@@ -130,6 +130,10 @@ def get_config(arg=None):
   config.train.beta = 0.04
   # KL divisor: "flow_grpo" (std before sqrt(-dt)) or "exact" (transition variance).
   config.train.kl_mode = "flow_grpo"
+  # EMA of the trained weights used for evaluation images (0 = off), updated every ema_every
+  # optimizer steps.
+  config.train.ema_decay = 0.0
+  config.train.ema_every = 1
 
   # ---- devices -------------------------------------------------------------------------------
   config.mesh = ml_collections.ConfigDict()

@@ -196,6 +196,8 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
   log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...].
   """
   sigmas = jnp.asarray(sigmas)
+  ema_decay = float(train_cfg.get("ema_decay", 0.0))
+  ema_every = int(train_cfg.get("ema_every", 1))
   beta = float(train_cfg.beta)
   clip_range = float(train_cfg.clip_range)
   kl_mode = train_cfg.kl_mode
@@ -237,6 +239,12 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+    if "ema" in state:
+      # EMA of the trained weights (Flow-GRPO evaluates with it), updated every `ema_every`
+      # optimizer steps; with gradient accumulation a step is one minibatch.
+      decay = jnp.where(new_state["step"] % ema_every == 0, ema_decay, 1.0)
+      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                      state["ema"], trainable)
     return new_state, metrics
 
   return train_step
@@ -352,6 +360,8 @@ class Trainer:
     replicated = sharding_lib.replicated(self.mesh)
     self.state = {"trainable": trainable, "opt_state": opt_state,
                   "step": jax.device_put(jnp.zeros([], jnp.int32), replicated)}
+    if config.train.ema_decay > 0:
+      self.state["ema"] = jax.tree.map(jnp.copy, trainable)
     if config.advantage.per_prompt_history:
       k = 1 if self.adv_cfg.mode == "reward_mixing" else len(self.adv_cfg.weights)
       self.state["prompt_stats"] = jax.device_put(
@@ -529,7 +539,9 @@ class Trainer:
     local = padded[jax.process_index() * rows:(jax.process_index() + 1) * rows]
     tokens = self._tokens(local)
     neg = self._tokens([self.config.sample.negative_prompt] * len(local))
-    _, _, _, images = self.eval_fn(self.state["trainable"], self.frozen, tokens, neg,
+    # Evaluation images come from the EMA weights when they are kept (as in Flow-GRPO).
+    weights = self.state.get("ema", self.state["trainable"])
+    _, _, _, images = self.eval_fn(weights, self.frozen, tokens, neg,
                                    jax.random.key(seed))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -66,3 +66,21 @@ def test_cli_missing_config_file_is_named(tmp_path):
   res = _cli(f"--config={tmp_path}/nope.py", f"--workdir={tmp_path}")
   assert res.returncode != 0
   assert "nope.py" in res.stderr
+
+
+@pytest.mark.parametrize("name", ["sd35m_ocr_color", "sd35m_pickscore"])
+def test_sd35m_configs_have_the_papers_settings(name):
+  module = load_sibling(os.path.join(ROOT, "configs", f"{name}.py"), name)
+  config = module.get_config()
+  assert config.sample.num_steps == 10 and config.sample.eval_num_steps == 40
+  assert config.sample.guidance_scale == 4.5 and config.sample.noise_level == 0.7
+  assert trainer.tree_spec_from_config(config).num_leaves == 24
+  assert config.data.prompts_per_batch * config.sample.batches_per_iteration == 48
+  assert (config.lora.rank, config.lora.alpha) == (32, 64.0)
+  assert config.train.beta == (0.04 if name == "sd35m_ocr_color" else 0.01)
+  flat = module.get_config("flat")
+  assert trainer.tree_spec_from_config(flat).num_leaves == 24
+  # The weights are the user's: an unset path is a clear error, not a download.
+  from mgrpo_jax.models import registry
+  with pytest.raises(ValueError, match="config.model.path is empty"):
+    registry.get_generator(config.model)
