@@ -161,3 +161,73 @@ def test_host_rewards_run_in_parallel_and_in_background():
   assert submitted < 0.1  # submit returns at once; scoring continues in the background
   assert elapsed < 0.8 * 8 * 0.2  # well below the serial 1.6 s
   assert len(host.rewards["test_slow"].threads) > 1
+
+
+# ---- remote reward against a small server on loopback ------------------------------------------
+import http.server  # noqa: E402
+import json  # noqa: E402
+
+from mgrpo_jax.rewards import remote as remote_lib  # noqa: E402
+
+
+class _Scorer(http.server.BaseHTTPRequestHandler):
+  """Scores each image by its mean red value; fails the first `fail_first` requests with 503."""
+
+  fail_first = 0
+  calls = 0
+
+  def do_POST(self):  # noqa: N802
+    type(self).calls += 1
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    if type(self).calls <= type(self).fail_first:
+      self.send_response(503)
+      self.end_headers()
+      return
+    if self.path == "/bad":
+      reply = {"score": 1}
+    else:
+      images = [remote_lib.decode_png(b) for b in body["images"]]
+      reply = {"scores": [float(im[..., 0].mean()) + len(p) for im, p in
+                          zip(images, body["prompts"])]}
+    data = json.dumps(reply).encode()
+    self.send_response(200)
+    self.send_header("Content-Length", str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture()
+def server():
+  _Scorer.calls, _Scorer.fail_first = 0, 0
+  httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scorer)
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield f"http://127.0.0.1:{httpd.server_address[1]}"
+  httpd.shutdown()
+
+
+def test_remote_reward_round_trip_and_retry(server):
+  images = np.zeros((2, 8, 8, 3), np.uint8)
+  images[0, ..., 0] = 200
+  _Scorer.fail_first = 2  # two 503s, then an answer: retried with backoff
+  reward = rewards_lib.get_reward("remote", url=server + "/score", retries=3, backoff=0.01)
+  scores = reward(images, ["ab", "abcd"], [{}, {}])
+  np.testing.assert_allclose(scores, [200 + 2, 0 + 4])  # PNG is lossless
+  assert _Scorer.calls == 3
+
+
+def test_remote_reward_errors_name_the_server(server):
+  images = np.zeros((1, 8, 8, 3), np.uint8)
+  bad = rewards_lib.get_reward("remote", url=server + "/bad", retries=0)
+  with pytest.raises(remote_lib.RemoteRewardError, match="expected {'scores'"):
+    bad(images, ["p"], [{}])
+  _Scorer.fail_first = 10
+  down = rewards_lib.get_reward("remote", url=server + "/score", retries=1, backoff=0.01)
+  with pytest.raises(remote_lib.RemoteRewardError, match=r"failed 2 times.*HTTP 503"):
+    down(images, ["p"], [{}])
+  nowhere = rewards_lib.get_reward("remote", url="http://127.0.0.1:9/x", retries=0, timeout=2)
+  with pytest.raises(remote_lib.RemoteRewardError, match="127.0.0.1:9"):
+    nowhere(images, ["p"], [{}])

@@ -3,7 +3,8 @@
 Importing the package registers every built-in reward.
 """
 
-from mgrpo_jax.rewards import jpeg, ocr, text_color  # noqa: F401  (registration)
+from mgrpo_jax.rewards import jpeg, ocr, remote, text_color  # noqa: F401  (registration)
 from mgrpo_jax.rewards.base import (PerImageReward, available_rewards, check_batch,  # noqa: F401
                                     get_reward, register)
 from mgrpo_jax.rewards.host import HostRewards, RewardError  # noqa: F401
+from mgrpo_jax.rewards.remote import RemoteReward, RemoteRewardError, register_remote  # noqa: F401
