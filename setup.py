@@ -37,6 +37,7 @@ setuptools.setup(
         "console_scripts": [
             "mgrpo-train=mgrpo_jax.train:run",
             "mgrpo-sample=mgrpo_jax.sample:run",
+            "mgrpo-eval=mgrpo_jax.evaluate:run",
         ]
     },
 )
