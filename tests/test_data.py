@@ -147,3 +147,24 @@ def test_loader_rejects_bad_arguments():
     loader_lib.PromptLoader([], 2, seed=0)
   with pytest.raises(ValueError, match="shard_index=2"):
     loader_lib.PromptLoader(_records(3), 1, seed=0, shard_index=2, shard_count=2)
+
+
+def test_make_ocr_color_training_file(tmp_path):
+  from mgrpo_jax.data import make_ocr_color
+  src = _write(tmp_path, "ocr.txt", 'A shop sign that says "Open Late" at night\n'
+               'Bold red letters reading "Stop" on a wall\n')
+  out = str(tmp_path / "train.csv")
+  assert make_ocr_color.build(src, out, seed=3) == 2
+  records = prompts_lib.load_ocr_color_csv(out)
+  first, second = records
+  assert first.metadata["text"] == "Open Late" and first.metadata["source"] == "augmented"
+  color = first.metadata["color"]
+  assert first.prompt == ('A shop sign that says "Open Late" at night The color of the text '
+                          f'"Open Late" is {color}.')
+  assert color in make_ocr_color.COLORS
+  # A prompt naming one colour keeps it and is not rewritten.
+  assert second.prompt == 'Bold red letters reading "Stop" on a wall'
+  assert (second.metadata["color"], second.metadata["source"]) == ("red", "allowed")
+  bad = _write(tmp_path, "bad.txt", 'fine "x"\nno quotes here\n')
+  with pytest.raises(prompts_lib.PromptFileError, match=r"bad\.txt:2: prompt quotes no text"):
+    make_ocr_color.build(bad, out)
