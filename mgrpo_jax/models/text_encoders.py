@@ -193,31 +193,39 @@ class CLIPTextModelWithProjection(nnx.Module):
       (output of the second-to-last layer, no final norm), 'pooled' [B, D] (last hidden state at
       the EOS token) and 'text_embeds' [B, projection_dim], all float32.
     """
-    cfg = self.config
-    b, n = input_ids.shape
-    if n > cfg.max_position_embeddings:
-      raise ValueError(f"input_ids length {n} exceeds max_position_embeddings="
-                       f"{cfg.max_position_embeddings}")
-    tm = self.text_model
-    x = (tm.embeddings.token_embedding(input_ids).astype(jnp.float32) +
-         tm.embeddings.position_embedding.embedding[...][:n].astype(jnp.float32)[None])
-    mask = jnp.tril(jnp.ones((n, n), bool))[None, None]  # causal: [1, 1, q, k]
-    if attention_mask is not None:
-      mask = mask & (attention_mask.astype(bool)[:, None, None, :])
-    hidden = [x]
-    for layer in tm.encoder.layers:
-      x = layer(x.astype(jnp.float32), mask)
-      hidden.append(x)
-    last = tm.final_layer_norm(x)
-    # transformers' rule: the legacy eos id 2 means "the highest id", otherwise the first EOS.
-    if cfg.eos_token_id == 2:
-      eos = jnp.argmax(input_ids, axis=-1)
-    else:
-      eos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
-    pooled = last[jnp.arange(b), eos]
-    return {"last_hidden_state": last, "penultimate": hidden[-2].astype(jnp.float32),
-            "pooled": pooled,
-            "text_embeds": self.text_projection(pooled.astype(cfg.dtype)).astype(jnp.float32)}
+    out = clip_text_forward(self.text_model, self.config, input_ids, attention_mask)
+    out["text_embeds"] = self.text_projection(out["pooled"].astype(self.config.dtype)).astype(
+        jnp.float32)
+    return out
+
+
+def clip_text_forward(tm: _CLIPTransformer, cfg: CLIPTextConfig, input_ids: jax.Array,
+                      attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
+  """The CLIP text transformer (shared by SD3's encoders and the CLIP reward models).
+
+  Returns 'last_hidden_state', 'penultimate' and 'pooled' (see CLIPTextModelWithProjection).
+  """
+  b, n = input_ids.shape
+  if n > cfg.max_position_embeddings:
+    raise ValueError(f"input_ids length {n} exceeds max_position_embeddings="
+                     f"{cfg.max_position_embeddings}")
+  x = (tm.embeddings.token_embedding(input_ids).astype(jnp.float32) +
+       tm.embeddings.position_embedding.embedding[...][:n].astype(jnp.float32)[None])
+  mask = jnp.tril(jnp.ones((n, n), bool))[None, None]  # causal: [1, 1, q, k]
+  if attention_mask is not None:
+    mask = mask & (attention_mask.astype(bool)[:, None, None, :])
+  hidden = [x]
+  for layer in tm.encoder.layers:
+    x = layer(x.astype(jnp.float32), mask)
+    hidden.append(x)
+  last = tm.final_layer_norm(x)
+  # transformers' rule: the legacy eos id 2 means "the highest id", otherwise the first EOS.
+  if cfg.eos_token_id == 2:
+    eos = jnp.argmax(input_ids, axis=-1)
+  else:
+    eos = jnp.argmax((input_ids == cfg.eos_token_id).astype(jnp.int32), axis=-1)
+  return {"last_hidden_state": last, "penultimate": hidden[-2].astype(jnp.float32),
+          "pooled": last[jnp.arange(b), eos]}
 
 
 # ---- T5 ------------------------------------------------------------------------------------------
