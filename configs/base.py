@@ -89,6 +89,12 @@ def get_config(arg=None):
   config.reward.weights = (1.0, 1.0)
   # Host threads for reward computation.
   config.reward.num_workers = 4
+  # Local directories of the on-device reward models (transformers CLIPModel layout with
+  # tokenizer files; nothing is downloaded): PickScore_v1 for `pickscore`, CLIP ViT-L/14 for
+  # `clipscore` and `aesthetic`, and the converted aesthetic head (safetensors) for `aesthetic`.
+  config.reward.pickscore_path = ""
+  config.reward.clip_path = ""
+  config.reward.aesthetic_path = ""
 
   config.advantage = ml_collections.ConfigDict()
   # "reward_groups" (normalise per reward, then combine) or "reward_mixing" (baseline).

@@ -86,7 +86,7 @@ def evaluate(trainer, records, out_dir: str, seed: int = 0, batch_size: int = 16
     # One key per chunk of fixed size: a prompt's noise does not depend on the device count.
     images.append(trainer.render(prompts[start:start + batch_size], seed * 100003 + start))
   images = np.concatenate(images)
-  scores = trainer.rewards.score(images, prompts, metadata)
+  scores = trainer.score_images(images, prompts, metadata)
   result = aggregate(scores, metadata)
   result.update({"iteration": int(trainer.start_iteration), "seed": seed,
                  "num_prompts": len(prompts), "eval_num_steps":

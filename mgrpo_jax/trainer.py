@@ -388,8 +388,15 @@ class Trainer:
     self.advantage_fn = on_mesh(jax.jit(functools.partial(self._advantages, spec=self.spec,
                                                           cfg=self.adv_cfg)))
 
-    self.rewards = rewards_lib.HostRewards(
-        {name: {} for name in config.reward.names}, max_workers=config.reward.num_workers)
+    # Learned rewards run on the device next to the policy; the rest on the host thread pool.
+    from mgrpo_jax.rewards import device as device_rewards  # pylint: disable=g-import-not-at-top
+    self.device_rewards = {name: device_rewards.DeviceReward(name, config.reward, self.mesh)
+                           for name in config.reward.names
+                           if device_rewards.is_device_reward(name)}
+    host = {name: {} for name in config.reward.names if name not in self.device_rewards}
+    self.rewards = rewards_lib.HostRewards(host, max_workers=config.reward.num_workers) \
+        if host else None
+    self._reward_error = rewards_lib.RewardError
     self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.log.keep_checkpoints)
     self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
     self.metrics_lib = metrics_lib
@@ -463,19 +470,55 @@ class Trainer:
         neg = self._tokens([cfg.sample.negative_prompt] * len(prompts))
         out, cond, neg_cond, images = self.sample_fn(
             self.state["trainable"], self.frozen, tokens, neg, jax.random.fold_in(key, b))
+        # Device rewards are queued behind this batch's sampling before the host waits for it.
+        device = {name: r(images, prompts) for name, r in self.device_rewards.items()}
         local_images = sharding_lib.local_rows(images)  # waits for this batch only
       flat_images = local_images.reshape((-1,) + local_images.shape[2:])
-      pending.append(self.rewards.submit(
-          flat_images, [p for p in prompts for _ in range(L)],
-          [m for m in data["metadata"] for _ in range(L)]))
+      flat_prompts = [p for p in prompts for _ in range(L)]
+      if self.rewards is not None:
+        pending.append(self.rewards.submit(
+            flat_images, flat_prompts, [m for m in data["metadata"] for _ in range(L)]))
       batches.append({"rollout": out, "cond": cond, "neg_cond": neg_cond, "data": data,
-                      "images": local_images})
+                      "images": local_images, "device_scores": device,
+                      "flat_prompts": flat_prompts})
     with timer("reward_wait"):
-      for batch, future in zip(batches, pending):
-        scores = future.result()  # raises RewardError naming the reward and prompt
+      for b, batch in enumerate(batches):
+        # Host rewards raise RewardError naming the reward and prompt.
+        scores = pending[b].result() if self.rewards is not None else {}
+        scores.update(self._device_scores(batch.pop("device_scores"), batch["flat_prompts"]))
         per_reward = np.stack([np.asarray(scores[n], np.float32) for n in cfg.reward.names], -1)
         batch["rewards"] = per_reward.reshape(-1, L, len(cfg.reward.names))
     return batches
+
+  def _device_scores(self, device_scores, flat_prompts) -> dict[str, np.ndarray]:
+    """This process's rows of the device rewards, checked like the host ones."""
+    out = {}
+    for name, value in device_scores.items():
+      value = sharding_lib.local_rows(value).reshape(-1).astype(np.float32)
+      bad = np.flatnonzero(~np.isfinite(value))
+      if bad.size:
+        raise self._reward_error(
+            f"reward {name!r} returned {value[bad[0]]} for image {int(bad[0])} (prompt "
+            f"{flat_prompts[bad[0]]!r}); refusing to train on it")
+      out[name] = value
+    return out
+
+  def score_images(self, images: np.ndarray, prompts: list[str],
+                   metadata: list[dict]) -> dict[str, np.ndarray]:
+    """All configured rewards of host images uint8 [N, H, W, 3] (evaluation)."""
+    scores = self.rewards.score(images, prompts, metadata) if self.rewards is not None else {}
+    if self.device_rewards:
+      n = len(prompts)
+      multiple = sharding_lib.batch_size_multiple(self.mesh)
+      pad = -n % multiple
+      padded = np.concatenate([images, np.repeat(images[-1:], pad, 0)])[:, None]
+      padded_prompts = list(prompts) + [prompts[-1]] * pad
+      global_images = sharding_lib.global_batch(padded, self.mesh)
+      device = {name: r(global_images, padded_prompts)
+                for name, r in self.device_rewards.items()}
+      for name, value in self._device_scores(device, padded_prompts).items():
+        scores[name] = value[:n]
+    return scores
 
   def train_iteration(self, iteration: int, timer) -> dict[str, float]:
     cfg = self.config
@@ -618,7 +661,8 @@ class Trainer:
     return metrics
 
   def close(self):
-    self.rewards.close()
+    if self.rewards is not None:
+      self.rewards.close()
     self.checkpointer.close()
     self.writer.close()
 
