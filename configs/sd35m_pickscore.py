@@ -1,11 +1,13 @@
 r"""Multi-GRPO on SD3.5-Medium for PickScore-25k (a single reward: temporal groups only).
 
   mgrpo-train --config configs/sd35m_pickscore.py --workdir gs://BUCKET/runs/sd35m_pick \
-      --config.model.path=/path/to/stable-diffusion-3.5-medium
+      --config.model.path=/path/to/stable-diffusion-3.5-medium \
+      --config.reward.pickscore_path=/path/to/PickScore_v1
 
-The PickScore reward (a CLIP-H/14 model on the device) is tracked in its own issue; until it
-lands, this config fails at start-up with the list of available rewards. Everything else is the
-OCR-Color-10 config with Flow-GRPO's PickScore changes ([FG]).
+PickScore runs on the device (mgrpo_jax/rewards/device.py); its directory is the
+`yuvalkirstain/PickScore_v1` CLIPModel with the tokenizer files of
+`laion/CLIP-ViT-H-14-laion2B-s32B-b79K` copied beside it. Everything else is the OCR-Color-10
+config with Flow-GRPO's PickScore changes ([FG]).
 """
 
 from mgrpo_jax.config_utils import load_sibling
