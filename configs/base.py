@@ -68,6 +68,9 @@ def get_config(arg=None):
   config.sample.batches_per_iteration = 2
   # A prompt's roots share one initial noise.
   config.sample.same_latent = False
+  # Keep the text conditioning of up to this many prompts on the host so repeated prompts (and
+  # the negative prompt) skip the text encoders; 0 = encode every batch. Needs frozen encoders.
+  config.sample.text_cache_size = 0
 
   # ---- rollout tree --------------------------------------------------------------------------
   config.tree = ml_collections.ConfigDict()

@@ -1,4 +1,7 @@
-r"""Evaluation of a run the way the paper reports it: `mgrpo-eval --config C --workdir W`.
+r"""Evaluation of a run the way the paper reports it: `mgrpo-eval --config C --checkpoint W`.
+
+W is the run's workdir (its latest checkpoint, or `--step N`); without checkpoints the initial
+model is evaluated (the base model: a baseline row).
 
 Renders the prompts of the evaluation split with the deterministic sampler (ODE,
 `sample.eval_num_steps` steps, the config's CFG), the noise of prompt i fixed by (seed, i), and
@@ -117,12 +120,16 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.split:
     config.data.split = FLAGS.split
-  trainer = trainer_lib.Trainer(config, FLAGS.workdir, inference=True)
+  workdir = FLAGS.checkpoint or FLAGS.workdir
+  if not workdir:
+    raise SystemExit("mgrpo-eval: give --checkpoint (the run's workdir)")
+  trainer = trainer_lib.Trainer(config, workdir, inference=True,
+                                step=FLAGS.step if FLAGS.step >= 0 else None)
   try:
     records = trainer.records
     if FLAGS.num_prompts > 0:
       records = records[:FLAGS.num_prompts]
-    out = FLAGS.out or os.path.join(FLAGS.workdir, f"eval_{trainer.start_iteration:06d}")
+    out = FLAGS.out or os.path.join(workdir, f"eval_{trainer.start_iteration:06d}")
     result = evaluate(trainer, records, out, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
   finally:
     trainer.close()
@@ -134,14 +141,16 @@ def run():
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "The run's workdir (its latest checkpoint is evaluated; "
-                      "without checkpoints, the initial model).")
+  flags.DEFINE_string("checkpoint", None, "The run's workdir (its latest checkpoint is "
+                      "evaluated, or --step; without checkpoints, the initial model).")
+  flags.DEFINE_string("workdir", None, "Alias of --checkpoint.")
+  flags.DEFINE_integer("step", -1, "Iteration of the checkpoint to evaluate (-1: latest).")
   flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
   flags.DEFINE_integer("num_prompts", 0, "Evaluate the first N prompts (0 = all).")
   flags.DEFINE_integer("batch_size", 16, "Prompts rendered per call.")
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval_<iteration>).")
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   app.run(main, argv=sys.argv)
 
 

@@ -170,22 +170,74 @@ def build_model_states(generator, config, mesh):
 
 
 # ---- jitted functions --------------------------------------------------------------------------
-def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
-  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
+def make_encode_fn(policy: Policy):
+  """(trainable, frozen, tokens) -> conditioning pytree [B, ...]."""
 
-  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
+  def encode_fn(trainable, frozen, tokens):
+    return policy.module(trainable, frozen).encode_text(tokens)
+
+  return encode_fn
+
+
+def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
+  """(trainable, frozen, cond, neg_cond, key) -> (Rollout, images uint8 [P, L, H, W, 3])."""
+
+  def sample_fn(trainable, frozen, cond, neg_cond, key):
     model = policy.module(trainable, frozen)
-    cond = model.encode_text(tokens)
-    use_cfg = sampler.guidance_scale != 1.0
-    neg_cond = model.encode_text(neg_tokens) if use_cfg else None
     out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond, key, spec,
                               sigmas, latent_shape, sampler)
     P, L = out.final_latents.shape[:2]
     images = model.decode(out.final_latents.reshape((P * L,) + out.final_latents.shape[2:]))
     images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
-    return out, cond, neg_cond, images.reshape((P, L) + images.shape[1:])
+    return out, images.reshape((P, L) + images.shape[1:])
 
   return sample_fn
+
+
+def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
+  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
+  encode = make_encode_fn(policy)
+  from_cond = make_sample_from_cond_fn(policy, spec, sampler, sigmas, latent_shape)
+
+  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
+    cond = encode(trainable, frozen, tokens)
+    use_cfg = sampler.guidance_scale != 1.0
+    neg_cond = encode(trainable, frozen, neg_tokens) if use_cfg else None
+    out, images = from_cond(trainable, frozen, cond, neg_cond, key)
+    return out, cond, neg_cond, images
+
+  return sample_fn
+
+
+class TextCache:
+  """Host cache of prompt conditionings (this process's rows), so repeated prompts skip the text
+  encoders. Valid only while the encoders are frozen (the trainer checks that).
+
+  Attributes:
+    hits, misses: prompt lookups served from / added to the cache.
+  """
+
+  def __init__(self, max_prompts: int):
+    import collections  # pylint: disable=g-import-not-at-top
+    self.max_prompts = max_prompts
+    self._entries = collections.OrderedDict()
+    self.hits = self.misses = 0
+
+  def conditioning(self, prompts, encode):
+    """prompts (this process's) -> numpy pytree [n, ...]; `encode(missing) -> numpy pytree`."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in self._entries]
+    self.hits += len(prompts) - sum(p in missing for p in prompts)
+    self.misses += sum(p in missing for p in prompts)
+    if missing:
+      fresh = encode(missing)
+      for i, p in enumerate(missing):
+        self._entries[p] = jax.tree.map(lambda a, i=i: a[i], fresh)
+    rows = [self._entries[p] for p in prompts]
+    for p in prompts:
+      self._entries.move_to_end(p)
+    while len(self._entries) > self.max_prompts:
+      self._entries.popitem(last=False)
+    return jax.tree.map(lambda *a: np.stack(a), *rows)
 
 
 def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
@@ -301,14 +353,17 @@ def config_hash(config) -> str:
 class Trainer:
   """Owns the jitted functions, the state and the host-side helpers of one run."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, inference: bool = False):
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, inference: bool = False,
+               step: int | None = None):
     """Builds everything and resumes from the workdir's latest checkpoint, if any.
 
     Args:
       config: the run's config.
       workdir: checkpoints, metrics and images go here.
-      inference: only restore and render (mgrpo-sample): writes nothing to the workdir and
-        accepts a checkpoint made with other sampling settings (the state must still match).
+      inference: only restore and render (mgrpo-sample, mgrpo-eval): writes nothing to the
+        workdir and accepts a checkpoint made with other sampling settings (the state must
+        still match).
+      step: the checkpoint to restore (default the latest).
     """
     from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
@@ -373,6 +428,17 @@ class Trainer:
     on_mesh = functools.partial(sharding_lib.with_mesh, mesh=self.mesh)
     self.sample_fn = on_mesh(jax.jit(make_sample_fn(
         self.policy, self.spec, self.sampler, self.sigmas, self.generator.latent_shape)))
+    self.text_cache = None
+    if config.sample.text_cache_size > 0:
+      adapted = [".".join(str(k) for k in path)
+                 for path, _ in nnx.to_flat_state(self.state["trainable"])]
+      if not config.lora.enabled or any(p.startswith("text_encoder") for p in adapted):
+        raise ValueError("sample.text_cache_size > 0 needs frozen text encoders: LoRA enabled "
+                         "and no lora.targets inside text_encoder*")
+      self.text_cache = TextCache(int(config.sample.text_cache_size))
+      self.encode_fn = on_mesh(jax.jit(make_encode_fn(self.policy)))
+      self.sample_from_cond_fn = on_mesh(jax.jit(make_sample_from_cond_fn(
+          self.policy, self.spec, self.sampler, self.sigmas, self.generator.latent_shape)))
     eval_spec = TreeSpec(config.sample.eval_num_steps, 1, (), (),
                          (False,) * config.sample.eval_num_steps)
     self.eval_fn = on_mesh(jax.jit(make_sample_fn(
@@ -401,7 +467,7 @@ class Trainer:
     self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
     self.metrics_lib = metrics_lib
     self.start_iteration = 0
-    self._maybe_restore()
+    self._maybe_restore(step)
     if self.is_primary and not inference:
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -431,8 +497,11 @@ class Trainer:
                          sharding_lib.replicated(self.mesh))
     return {**self.state, "rng": rng}
 
-  def _maybe_restore(self):
-    step = self.checkpointer.latest_step()
+  def _maybe_restore(self, step: int | None = None):
+    if step is not None and step not in self.checkpointer.all_steps():
+      raise FileNotFoundError(f"no checkpoint of iteration {step} in {self.workdir}; saved: "
+                              f"{self.checkpointer.all_steps()}")
+    step = self.checkpointer.latest_step() if step is None else step
     if step is None:
       return
     if not self.inference:
@@ -466,10 +535,16 @@ class Trainer:
       data = next(self.loader)
       prompts = list(data["prompts"])
       with timer("sample"):
-        tokens = self._tokens(prompts)
-        neg = self._tokens([cfg.sample.negative_prompt] * len(prompts))
-        out, cond, neg_cond, images = self.sample_fn(
-            self.state["trainable"], self.frozen, tokens, neg, jax.random.fold_in(key, b))
+        sample_key = jax.random.fold_in(key, b)
+        if self.text_cache is None:
+          tokens = self._tokens(prompts)
+          neg = self._tokens([cfg.sample.negative_prompt] * len(prompts))
+          out, cond, neg_cond, images = self.sample_fn(
+              self.state["trainable"], self.frozen, tokens, neg, sample_key)
+        else:
+          cond, neg_cond = self._cached_conditioning(prompts)
+          out, images = self.sample_from_cond_fn(self.state["trainable"], self.frozen, cond,
+                                                 neg_cond, sample_key)
         # Device rewards are queued behind this batch's sampling before the host waits for it.
         device = {name: r(images, prompts) for name, r in self.device_rewards.items()}
         local_images = sharding_lib.local_rows(images)  # waits for this batch only
@@ -489,6 +564,34 @@ class Trainer:
         per_reward = np.stack([np.asarray(scores[n], np.float32) for n in cfg.reward.names], -1)
         batch["rewards"] = per_reward.reshape(-1, L, len(cfg.reward.names))
     return batches
+
+  def _cached_conditioning(self, prompts):
+    """Conditioning of this process's prompts (and the negative prompt) through the cache."""
+    n = len(prompts)
+
+    def encode(missing):
+      # Every process encodes a full local batch (a collective), padded with its last prompt.
+      padded = list(missing) + [missing[-1]] * (n - len(missing))
+      cond = self.encode_fn(self.state["trainable"], self.frozen, self._tokens(padded))
+      return jax.tree.map(sharding_lib.local_rows, cond)
+
+    def lookup(batch):
+      missing = [p for p in dict.fromkeys(batch) if p not in self.text_cache._entries]  # pylint: disable=protected-access
+      need = bool(missing)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        need = bool(np.any(multihost_utils.process_allgather(np.array(need))))
+      if need and not missing:  # another process encodes: take part with a dummy batch
+        encode(list(batch[:1]))
+      return self.text_cache.conditioning(batch, encode)
+
+    cond = sharding_lib.global_batch(lookup(list(prompts)), self.mesh)
+    neg_cond = None
+    if self.sampler.guidance_scale != 1.0:
+      neg = lookup([self.config.sample.negative_prompt])
+      neg_cond = sharding_lib.global_batch(
+          jax.tree.map(lambda a: np.repeat(a, n, axis=0), neg), self.mesh)
+    return cond, neg_cond
 
   def _device_scores(self, device_scores, flat_prompts) -> dict[str, np.ndarray]:
     """This process's rows of the device rewards, checked like the host ones."""

@@ -41,7 +41,7 @@ def _eval(workdir, out, devices, dataset, rewards):
   weights = "(" + ",".join("1.0" for _ in rewards) + ",)"
   split = "test"
   cmd = [sys.executable, "-m", "mgrpo_jax.evaluate", f"--config={TINY}:runlocal",
-         f"--workdir={workdir}", f"--out={out}", "--num_prompts=16", f"--split={split}",
+         f"--checkpoint={workdir}", f"--out={out}", "--num_prompts=16", f"--split={split}",
          f"--config.data.dataset={dataset}", f"--config.reward.names={names}",
          f"--config.reward.weights={weights}", "--config.data.prompts_per_batch=8"]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -198,3 +198,29 @@ def test_full_finetuning_keeps_a_separate_reference():
   np.testing.assert_array_equal(a, b)
   # Separate buffers: donating the trainable state to the train step leaves the reference alive.
   assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+
+
+@needs_data
+def test_missing_checkpoint_step_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint of iteration 7"):
+    trainer_lib.Trainer(tiny_config(), str(tmp_path), inference=True, step=7)
+
+
+def test_text_cache_reproduces_the_uncached_run(tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("".join(f'a sign that reads "word {i}"\n' for i in range(4)))
+  runs = {}
+  for size in (0, 16):
+    config = tiny_config(**{"data.dataset": str(prompts), "train.num_iterations": 2,
+                            "sample.text_cache_size": size})
+    trainer = trainer_lib.Trainer(config, str(tmp_path / f"cache{size}"))
+    try:
+      trainer.run()
+      runs[size] = (jax.tree.map(np.asarray, trainer.state["trainable"]), trainer.text_cache)
+    finally:
+      trainer.close()
+  (plain, _), (cached, cache) = runs[0], runs[16]
+  for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
+    np.testing.assert_array_equal(a, b)
+  # 4 prompts, 2 iterations of 4: the second iteration and the negative prompt hit the cache.
+  assert cache.misses == 4 + 1 and cache.hits == 4 + 1
