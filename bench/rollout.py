@@ -19,7 +19,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import trainer as trainer_lib

@@ -40,6 +40,9 @@ def get_config(arg=None):
   config.sample.noise_level = 0.7
   config.sample.shift = 3.0
   config.sample.method = "sde"
+  # [ours] keep prompt conditionings on the host (about 5 MB each for SD3): the negative prompt
+  # and recently seen prompts skip CLIP-L/G and T5.
+  config.sample.text_cache_size = 256
 
   # [FG] 24 images per prompt. [ours] as a tree: 3 roots, x2 at step 1, x4 at step 3
   # (3 * 2 * 4 = 24 leaves); replace with the paper's branch points when reproducing it.

@@ -113,7 +113,6 @@ def evaluate(trainer, records, out_dir: str, seed: int = 0, batch_size: int = 16
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-  from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise SystemExit(f"mgrpo-eval: unexpected arguments {argv[1:]}")
   FLAGS = flags.FLAGS

@@ -1,7 +1,6 @@
 """Safetensors reading without torch: single and sharded files, bf16, placement, named errors."""
 
 import json
-import os
 
 import jax
 import ml_dtypes

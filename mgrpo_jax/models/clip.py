@@ -52,8 +52,7 @@ class CLIPVisionConfig:
 
   @classmethod
   def from_hf_config(cls, config: Mapping[str, Any], **overrides) -> CLIPVisionConfig:
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype")]
-    return cls(**{k: config[k] for k in names if k in config}, **overrides)
+    return weights.config_fields(cls, config, **overrides)
 
 
 class _VisionEmbeddings(nnx.Module):
@@ -160,18 +159,11 @@ def preprocess(images: jax.Array, size: int) -> jax.Array:
 
 
 def _name(path: str):
+  """Dotted state path -> (transformers tensor name, transform to our layout)."""
   if path == "logit_scale" or path.endswith("class_embedding"):
     return path, None
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "bias":
-    return path, None
-  if leaf in ("scale", "embedding"):
-    return stem + ".weight", None
-  if leaf == "kernel":
-    if "patch_embedding" in path:
-      return stem + ".weight", weights.conv_kernel
-    return stem + ".weight", weights.linear_kernel
-  raise ValueError(f"CLIP state path {path} has no transformers counterpart")
+  kernel = weights.conv_kernel if "patch_embedding" in path else weights.linear_kernel
+  return weights.torch_name(path, kernel)
 
 
 def load_clip_state(directory: str, abstract_state, mesh=None, rules=None) -> nnx.State:

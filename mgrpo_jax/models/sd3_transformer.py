@@ -529,18 +529,8 @@ def checkpoint_name(path: str) -> tuple[str, weights.Transform | None]:
   e.g. 'transformer_blocks.3.attn.to_out.kernel' -> ('transformer_blocks.3.attn.to_out.0.weight',
   linear_kernel); 'pos_embed.proj.kernel' -> ('pos_embed.proj.weight', conv_kernel).
   """
-  name = path
-  for pattern, repl in _RENAMES:
-    name = pattern.sub(repl, name)
-  stem, leaf = name.rsplit(".", 1)
-  if leaf == "bias":
-    return name, None
-  if leaf == "scale":
-    return stem + ".weight", None
-  if leaf == "kernel":
-    transform = weights.conv_kernel if path == "pos_embed.proj.kernel" else weights.linear_kernel
-    return stem + ".weight", transform
-  raise ValueError(f"state path {path} has no diffusers counterpart (leaf {leaf!r})")
+  transform = weights.conv_kernel if path == "pos_embed.proj.kernel" else weights.linear_kernel
+  return weights.torch_name(path, transform, _RENAMES)
 
 
 def check_pos_embed_buffer(checkpoint: weights.Checkpoint, config: SD3TransformerConfig,

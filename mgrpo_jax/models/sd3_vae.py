@@ -332,19 +332,8 @@ def _attention_kernel(array: np.ndarray) -> np.ndarray:
 
 def checkpoint_name(path: str):
   """Dotted state path -> (diffusers tensor name, transform to our layout)."""
-  name = path
-  for pattern, repl in _RENAMES:
-    name = pattern.sub(repl, name)
-  stem, leaf = name.rsplit(".", 1)
-  if leaf == "bias":
-    return name, None
-  if leaf == "scale":
-    return stem + ".weight", None
-  if leaf == "kernel":
-    if ".attentions." in path:
-      return stem + ".weight", _attention_kernel
-    return stem + ".weight", weights.conv_kernel
-  raise ValueError(f"VAE state path {path} has no diffusers counterpart (leaf {leaf!r})")
+  transform = _attention_kernel if ".attentions." in path else weights.conv_kernel
+  return weights.torch_name(path, transform, _RENAMES)
 
 
 def load_sd3_vae(directory: str, abstract_state: nnx.State, mesh=None, rules=None) -> nnx.State:

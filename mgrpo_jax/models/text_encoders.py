@@ -105,8 +105,7 @@ class CLIPTextConfig:
     """From a transformers config.json (a CLIPTextConfig, or a CLIPConfig's text_config)."""
     if "text_config" in config and "hidden_size" not in config:
       config = config["text_config"]
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype")]
-    return cls(**{k: config[k] for k in names if k in config}, **overrides)
+    return weights.config_fields(cls, config, **overrides)
 
 
 class _CLIPAttention(nnx.Module):
@@ -262,8 +261,7 @@ class T5Config:
 
   @classmethod
   def from_hf_config(cls, config: Mapping[str, Any], **overrides) -> T5Config:
-    names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype")]
-    return cls(**{k: config[k] for k in names if k in config}, **overrides)
+    return weights.config_fields(cls, config, **overrides)
 
 
 def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
@@ -417,14 +415,7 @@ def encode_sd3_prompt(clip_l: CLIPTextModelWithProjection, clip_g: CLIPTextModel
 # ---- loading -------------------------------------------------------------------------------------
 def _hf_name(path: str):
   """Dotted state path -> (transformers tensor name, transform to our layout)."""
-  stem, leaf = path.rsplit(".", 1)
-  if leaf == "bias":
-    return path, None
-  if leaf in ("scale", "embedding"):
-    return stem + ".weight", None
-  if leaf == "kernel":
-    return stem + ".weight", weights.linear_kernel
-  raise ValueError(f"state path {path} has no transformers counterpart")
+  return weights.torch_name(path, weights.linear_kernel)
 
 
 def _load_state(config_cls, module_cls, directory, abstract_state, mesh, rules, component,

@@ -135,6 +135,38 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
   return np.transpose(w, (2, 3, 1, 0))
 
 
+def torch_name(path: str, kernel_transform: Transform | None = None,
+               renames: Iterable[tuple[Any, str]] = ()) -> tuple[str, Transform | None]:
+  """Our dotted state path -> (PyTorch tensor name, transform from torch's layout to ours).
+
+  Flax leaves map as `kernel` -> `weight` (with `kernel_transform`, e.g. a transpose), `scale`
+  and `embedding` -> `weight`, `bias` -> `bias`; `renames` are (compiled regex, replacement)
+  pairs applied first for modules whose names differ.
+
+  Raises:
+    ValueError: a leaf with no torch counterpart.
+  """
+  name = path
+  for pattern, repl in renames:
+    name = pattern.sub(repl, name)
+  stem, _, leaf = name.rpartition(".")
+  if leaf == "bias":
+    return name, None
+  if leaf in ("scale", "embedding"):
+    return stem + ".weight", None
+  if leaf == "kernel":
+    return stem + ".weight", kernel_transform
+  raise ValueError(f"state path {path} has no PyTorch counterpart (leaf {leaf!r})")
+
+
+def config_fields(cls, config: dict[str, Any], **overrides) -> Any:
+  """`cls(**fields)` from a config.json dict: the dataclass's fields present in it, except the
+  run-time `dtype` / `param_dtype`, which come from `overrides` (as do any others)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  names = [f.name for f in dataclasses.fields(cls) if f.name not in ("dtype", "param_dtype")]
+  return cls(**{k: config[k] for k in names if k in config and k not in overrides}, **overrides)
+
+
 def place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
   """Puts a host tensor into `target`'s sharding and dtype, copying only each device's slice."""
   if tuple(array.shape) != tuple(target.shape):

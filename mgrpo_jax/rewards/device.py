@@ -16,7 +16,7 @@ sampled), so they join the host rewards without leaving the device until the end
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+
 
 import jax
 import jax.numpy as jnp
