@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 import jax.numpy as jnp  # noqa: E402
 
 from mgrpo_jax.models import clip  # noqa: E402
+from tests.parity import randomise_norms_and_biases, rel_err  # noqa: E402
 
 TEXT = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=16, eos_token_id=99,
@@ -17,21 +18,13 @@ VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_att
               image_size=32, patch_size=8, hidden_act="quick_gelu")
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   torch.manual_seed(0)
   model = transformers.CLIPModel(transformers.CLIPConfig(
       text_config=TEXT, vision_config=VISION, projection_dim=24)).eval()
+  randomise_norms_and_biases(model, extra=("class_embedding",))
   with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name or name.endswith("bias") or "class_embedding" in name:
-        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name and
-                                             name.endswith("weight") else 0.0))
     model.logit_scale.fill_(3.1)
   directory = tmp_path_factory.mktemp("clip")
   model.save_pretrained(directory, safe_serialization=True)

@@ -14,6 +14,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mgrpo_jax.models import sd3_vae, weights  # noqa: E402
+from tests.parity import randomise_norms_and_biases, rel_err  # noqa: E402
 
 TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
             up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
@@ -22,19 +23,11 @@ TINY = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D
             use_post_quant_conv=False)
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   torch.manual_seed(0)
   vae = diffusers.AutoencoderKL(**TINY).eval()
-  with torch.no_grad():  # random norms and biases too, so no parameter is trivially 1 or 0
-    for name, p in vae.named_parameters():
-      if "norm" in name or name.endswith("bias"):
-        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
+  randomise_norms_and_biases(vae)
   directory = tmp_path_factory.mktemp("vae")
   vae.save_pretrained(directory, safe_serialization=True)
   return vae, str(directory)

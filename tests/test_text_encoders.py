@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from mgrpo_jax.models import text_encoders as te  # noqa: E402
 from mgrpo_jax.models import weights  # noqa: E402
+from tests.parity import randomise_norms_and_biases, rel_err  # noqa: E402
 
 CLIP_L = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, projection_dim=16,
               num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
@@ -25,18 +26,6 @@ CLIP_G = dict(vocab_size=1000, hidden_size=40, intermediate_size=80, projection_
 T5 = dict(vocab_size=100, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
           relative_attention_num_buckets=8, relative_attention_max_distance=20,
           feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def _randomise(model):
-  with torch.no_grad():  # norms and biases away from 1 / 0 so every parameter matters
-    for name, p in model.named_parameters():
-      if "norm" in name or name.endswith("bias"):
-        p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def _save(model, directory):
@@ -51,7 +40,7 @@ def models(tmp_path_factory):
   clip_g = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**CLIP_G)).eval()
   t5 = transformers.T5EncoderModel(transformers.T5Config(**T5)).eval()
   for m in (clip_l, clip_g, t5):
-    _randomise(m)
+    randomise_norms_and_biases(m)
   dirs = {name: _save(m, tmp_path_factory.mktemp(name))
           for name, m in (("clip_l", clip_l), ("clip_g", clip_g), ("t5", t5))}
   return {"clip_l": clip_l, "clip_g": clip_g, "t5": t5}, dirs
