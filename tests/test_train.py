@@ -65,6 +65,21 @@ def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
   assert sorted(os.listdir(tmp_path / "images"))
   assert metrics["reward/jpeg_compressibility"] < 0
 
+  # mgrpo-sample renders from the run's checkpoint.
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "samples"
+  res = subprocess.run(
+      [sys.executable, "-m", "mgrpo_jax.sample",
+       f"--config={os.path.join(ROOT, 'configs', 'tiny_ocr_color.py')}:runlocal",
+       f"--workdir={tmp_path}", "--prompt=a red sign", "--prompt=a blue sign", f"--out={out}",
+       "--config.reward.names=('jpeg_compressibility','jpeg_incompressibility')",
+       "--config.reward.weights=(1.0,0.5)", "--config.mesh.data=4", "--config.mesh.tensor=2"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert "from iteration 2" in res.stdout
+  assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "grid.png"]
+
 
 @needs_data
 @pytest.mark.slow
