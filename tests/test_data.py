@@ -10,9 +10,8 @@ import pytest
 from mgrpo_jax.data import loader as loader_lib
 from mgrpo_jax.data import prompts as prompts_lib
 
-DATASETS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "shared", "datasets")
-needs_data = pytest.mark.skipif(not os.path.isdir(DATASETS), reason="../shared/datasets absent")
+DATASETS = prompts_lib.datasets_root()  # $MGRPO_DATASETS, else ../shared/datasets
+needs_data = pytest.mark.skipif(not os.path.isdir(DATASETS), reason=f"{DATASETS} absent")
 
 
 @needs_data
@@ -24,62 +23,99 @@ def test_ocr_color_file_loads_with_metadata():
   assert len(records) == len(rows) == 500
   for record, row in zip(records, rows):
     assert record.prompt == row["prompt"]
-    assert record.metadata["text"] == row["text"]
-    assert record.metadata["color"] == row["color"].lower()
+    assert record.metadata == {"text": row["text"], "color": row["color"].lower(),
+                               "source": row["source"], "line_id": row["line_id"]}
     assert f'"{row["text"]}"' in record.prompt
+    assert record.metadata["color"] in record.prompt.lower()
+  assert prompts_lib.load_prompts(path) == records
 
 
 @needs_data
-def test_pickscore_file_and_named_dataset(monkeypatch):
+def test_pickscore_file_and_named_dataset():
   path = os.path.join(DATASETS, "pickscore_25k", "test.txt")
-  with open(path, encoding="utf-8") as f:
-    expected = [line.strip() for line in f if line.strip()]
+  with open(path, "rb") as f:  # independent count: non-blank lines of the raw bytes
+    expected = [line.decode("utf-8").strip() for line in f if line.strip()]
   records = prompts_lib.load_prompts(path)
   assert [r.prompt for r in records] == expected
-  monkeypatch.delenv("MGRPO_DATASETS", raising=False)
+  assert all(r.prompt and r.prompt == r.prompt.strip() for r in records)
   assert os.path.samefile(prompts_lib.dataset_path("pickscore_25k", "test"), path)
+  assert prompts_lib.dataset_path("ocr_color_10", "test").endswith(
+      os.path.join("ocr_color_10", "test.csv"))
 
 
-def _write(tmp_path, name, text, mode="w"):
+def test_default_datasets_root_is_beside_the_repo(monkeypatch):
+  monkeypatch.delenv("MGRPO_DATASETS", raising=False)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert prompts_lib.datasets_root() == os.path.join(os.path.dirname(repo), "shared", "datasets")
+
+
+def _write(tmp_path, name, text):
   p = tmp_path / name
-  if mode == "wb":
+  if isinstance(text, bytes):
     p.write_bytes(text)
   else:
-    p.write_text(text, encoding="utf-8")
+    p.write_text(text, encoding="utf-8", newline="")
   return str(p)
 
 
-def test_malformed_csv_rows_name_file_and_line(tmp_path):
-  header = "line_id,prompt,text,color,source\n"
-  good = '0,"A sign ""Hi"". The color of the text ""Hi"" is red.",Hi,red,x\n'
-  path = _write(tmp_path, "file.csv", header + good + good + "3,a prompt,Hi\n")
-  with pytest.raises(prompts_lib.PromptFileError, match=r"file\.csv:4: 3 fields"):
+HEADER = "line_id,prompt,text,color,source\n"
+GOOD = '0,"A sign ""Hi"". The color of the text ""Hi"" is Red.",Hi,Red,x\n'
+
+
+@pytest.mark.parametrize("body, message", [
+    # A row with a missing field on line 4.
+    (HEADER + GOOD + GOOD + "3,a prompt,Hi\n", r"file\.csv:4: 3 field\(s\), expected 5"),
+    (HEADER + GOOD + GOOD + "3,a prompt,Hi,red,x,extra\n", r"file\.csv:4: 6 field"),
+    (HEADER + GOOD + GOOD + "3,a prompt,,red,x\n", r"file\.csv:4: empty 'text'"),
+    (HEADER + GOOD + GOOD + '3,"  ",Hi,red,x\n', r"file\.csv:4: empty 'prompt'"),
+    (HEADER + GOOD + GOOD + "3,a prompt,Hi,,x\n", r"file\.csv:4: empty 'color'"),
+    # The row starting on line 3 spans lines 3-4 (a quoted newline); the error is at its start.
+    (HEADER + GOOD + '1,"two\nlines",,red,x\n', r"file\.csv:3: empty 'text'"),
+    # Blank lines are skipped but still counted.
+    (HEADER + GOOD + "\n3,a prompt,Hi\n", r"file\.csv:4: 3 field"),
+    ("line_id,prompt,text,source\n" + GOOD, r"file\.csv:1: .*missing column\(s\) \['color'\]"),
+    ("line_id,prompt,text,color,source,extra\n" + GOOD, r"file\.csv:1: .*unknown .*'extra'"),
+    ("line_id,prompt,text,color,source,text\n" + GOOD, r"file\.csv:1: .*repeated .*'text'"),
+    (HEADER, r"file\.csv:2: no prompt rows"),
+    ("", r"file\.csv:1: empty file"),
+    (HEADER + GOOD + '1,"unclosed,Hi,red,x\n' + GOOD, r"file\.csv:3: malformed CSV"),
+    (HEADER + GOOD + '1,"stray" quote,Hi,red,x\n', r"file\.csv:3: malformed CSV"),
+])
+def test_malformed_csv_names_file_and_line(tmp_path, body, message):
+  path = _write(tmp_path, "file.csv", body)
+  with pytest.raises(prompts_lib.PromptFileError, match=message):
     prompts_lib.load_prompts(path)
-  path = _write(tmp_path, "file.csv", header + good + "1,a prompt,,red,x\n")
-  with pytest.raises(prompts_lib.PromptFileError, match=r"file\.csv:3: empty 'text'"):
-    prompts_lib.load_prompts(path)
-  path = _write(tmp_path, "file.csv", "line_id,prompt,text,source\n" + good)
-  with pytest.raises(prompts_lib.PromptFileError, match=r"file\.csv:1: .*\['color'\]"):
-    prompts_lib.load_prompts(path)
-  path = _write(tmp_path, "file.csv", header)
-  with pytest.raises(prompts_lib.PromptFileError, match="no prompts"):
-    prompts_lib.load_prompts(path)
+
+
+def test_csv_variants_that_load(tmp_path):
+  # Excel's UTF-8 BOM, CRLF endings, reordered columns, a quoted newline, a blank line.
+  body = ("\ufefftext,color,source,line_id,prompt\r\n"
+          'Hi,Blue,s,7,"A ""Hi"" sign\r\non a wall"\r\n\r\n'
+          "Yo,red,s,8,Yo\r\n")
+  records = prompts_lib.load_prompts(_write(tmp_path, "ok.CSV", body))
+  assert [r.prompt for r in records] == ['A "Hi" sign\r\non a wall', "Yo"]
+  assert records[0].metadata == {"text": "Hi", "color": "blue", "source": "s", "line_id": "7"}
+  with pytest.raises(prompts_lib.PromptFileError, match=r"bad\.csv:3: invalid UTF-8"):
+    prompts_lib.load_prompts(_write(tmp_path, "bad.csv", (HEADER + GOOD).encode() +
+                                    b"1,caf\xe9,Hi,red,x\n"))
 
 
 def test_text_file_errors(tmp_path):
-  path = _write(tmp_path, "p.txt", b"first\nsecond \xff\xfe\n", mode="wb")
+  path = _write(tmp_path, "p.txt", b"first\nsecond \xff\xfe\n")
   with pytest.raises(prompts_lib.PromptFileError, match=r"p\.txt:2: invalid UTF-8"):
     prompts_lib.load_prompts(path)
   path = _write(tmp_path, "blank.txt", "\n  \n")
-  with pytest.raises(prompts_lib.PromptFileError, match="no prompts"):
+  with pytest.raises(prompts_lib.PromptFileError, match=r"blank\.txt: no prompts"):
     prompts_lib.load_prompts(path)
   path = _write(tmp_path, "p.json", "[]")
-  with pytest.raises(prompts_lib.PromptFileError, match="unknown prompt file type"):
+  with pytest.raises(prompts_lib.PromptFileError, match=r"p\.json: unknown prompt file type"):
     prompts_lib.load_prompts(path)
-  with pytest.raises(FileNotFoundError, match="nope.txt"):
-    prompts_lib.load_prompts(str(tmp_path / "nope.txt"))
-  records = prompts_lib.load_prompts(_write(tmp_path, "ok.txt", "a\n\nb\n"))
-  assert [(r.prompt, r.metadata["line"]) for r in records] == [("a", 1), ("b", 3)]
+  for missing in ("nope.txt", "nope.csv", "nope.json"):
+    with pytest.raises(FileNotFoundError, match=missing):
+      prompts_lib.load_prompts(str(tmp_path / missing))
+  records = prompts_lib.load_prompts(_write(tmp_path, "ok.txt", "\ufeffa \r\n\n  b\nc"))
+  assert [(r.prompt, r.metadata) for r in records] == [
+      ("a", {"line": 1}), ("b", {"line": 3}), ("c", {"line": 4})]
 
 
 def test_dataset_path_override_and_errors(tmp_path, monkeypatch):
@@ -88,10 +124,14 @@ def test_dataset_path_override_and_errors(tmp_path, monkeypatch):
   monkeypatch.setenv("MGRPO_DATASETS", str(tmp_path))
   assert prompts_lib.dataset_path("pickscore_25k", "train") == str(
       tmp_path / "pickscore_25k" / "train.txt")
-  with pytest.raises(FileNotFoundError, match="MGRPO_DATASETS"):
+  with pytest.raises(FileNotFoundError, match=r"validation\.txt does not exist.*MGRPO_DATASETS"):
     prompts_lib.dataset_path("pickscore_25k", "validation")
-  with pytest.raises(ValueError, match="ocr_color_10"):
+  with pytest.raises(FileNotFoundError, match=r"ocr_color_10.*test\.csv"):
+    prompts_lib.dataset_path("ocr_color_10", "test")
+  with pytest.raises(ValueError, match=r"'coco'.*ocr_color_10.*pickscore_25k"):
     prompts_lib.dataset_path("coco", "train")
+  with pytest.raises(ValueError, match="split"):
+    prompts_lib.dataset_path("pickscore_25k", "../pickscore_25k/train")
 
 
 def _records(n):
@@ -104,19 +144,26 @@ def _take(loader, k):
 
 def test_loader_epochs_are_seeded_permutations():
   n, b = 12, 4
-  a = _take(loader_lib.PromptLoader(_records(n), b, seed=1), 6).reshape(-1)
-  again = _take(loader_lib.PromptLoader(_records(n), b, seed=1), 6).reshape(-1)
-  other = _take(loader_lib.PromptLoader(_records(n), b, seed=2), 6).reshape(-1)
+  a = _take(loader_lib.PromptLoader(_records(n), b, seed=1), 9).reshape(-1)
+  again = _take(loader_lib.PromptLoader(_records(n), b, seed=1), 9).reshape(-1)
+  other = _take(loader_lib.PromptLoader(_records(n), b, seed=2), 9).reshape(-1)
   np.testing.assert_array_equal(a, again)
   assert not np.array_equal(a, other)
-  for epoch in a.reshape(2, n):  # each epoch visits every prompt once, in a fresh order
+  epochs, other_epochs = a.reshape(3, n), other.reshape(3, n)
+  for epoch in np.concatenate([epochs, other_epochs]):  # every prompt once per epoch
     np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
-  assert not np.array_equal(a[:n], a[n:])
-  unshuffled = _take(loader_lib.PromptLoader(_records(n), b, seed=1, shuffle=False), 3)
-  np.testing.assert_array_equal(unshuffled.reshape(-1), np.arange(n))
-  batch = next(loader_lib.PromptLoader(_records(n), b, seed=1, shuffle=False))
+  assert len({tuple(e) for e in epochs}) == 3  # a fresh order each epoch
+  # Nearby seeds are unrelated: seed 2 does not replay seed 1's epochs shifted by one.
+  assert not np.array_equal(epochs[1], other_epochs[0])
+  unshuffled = _take(loader_lib.PromptLoader(_records(n), b, seed=1, shuffle=False), 6)
+  np.testing.assert_array_equal(unshuffled.reshape(-1), np.tile(np.arange(n), 2))
+  records = _records(n)
+  batch = next(loader_lib.PromptLoader(records, b, seed=1, shuffle=False))
   assert batch["prompts"] == ["p0", "p1", "p2", "p3"] and batch["metadata"][1] == {"line": 1}
-  assert batch["index"].dtype == np.int32
+  assert batch["index"].dtype == np.int32 and batch["index"].shape == (b,)
+  batch["metadata"][0]["line"] = 99  # the batch holds copies: the records are not changed
+  loader = loader_lib.PromptLoader(records, b, seed=1, shuffle=False)
+  assert iter(loader) is loader and next(loader)["metadata"][0] == {"line": 0}
 
 
 def test_loader_state_round_trip_through_json():
@@ -127,8 +174,15 @@ def test_loader_state_round_trip_through_json():
   resumed = loader_lib.PromptLoader(_records(7), 3, seed=5)
   resumed.set_state(state)
   np.testing.assert_array_equal(_take(resumed, 5), expected)
-  with pytest.raises(ValueError, match="batch"):
-    resumed.set_state({})
+  resumed.set_state({"batch": 4})  # a state holding only the position is accepted
+  np.testing.assert_array_equal(_take(resumed, 5), expected)
+  for bad in ({}, {"batch": -1}, {"batch": 1.5}, {"batch": "3"}, None):
+    with pytest.raises(ValueError, match="batch"):
+      resumed.set_state(bad)
+  with pytest.raises(ValueError, match="num_records=7, this loader has num_records=8"):
+    loader_lib.PromptLoader(_records(8), 3, seed=5).set_state(state)
+  with pytest.raises(ValueError, match="global_batch_size=3, this loader has global_batch_size=4"):
+    loader_lib.PromptLoader(_records(7), 2, seed=5, shard_count=2).set_state(state)
 
 
 def test_shards_concatenate_to_the_global_batch():
@@ -138,13 +192,35 @@ def test_shards_concatenate_to_the_global_batch():
                                          shard_count=shards), 5) for i in range(shards)]
   np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
   stream = whole.reshape(-1)
-  np.testing.assert_array_equal(np.sort(stream[:n]), np.arange(n))
-  np.testing.assert_array_equal(np.sort(stream[n:2 * n]), np.arange(n))
+  for epoch in stream.reshape(3, n):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+  # A state saved by one shard resumes any shard layout of the same global batch.
+  single = loader_lib.PromptLoader(_records(n), per_shard * shards, seed=0)
+  _take(single, 2)
+  shard = loader_lib.PromptLoader(_records(n), per_shard, seed=0, shard_index=1,
+                                  shard_count=shards)
+  shard.set_state(json.loads(json.dumps(single.get_state())))
+  np.testing.assert_array_equal(next(shard)["index"], whole[2, per_shard:2 * per_shard])
+
+
+def test_dataset_smaller_than_a_batch():
+  n, b = 3, 5  # every batch spans an epoch boundary; 3 batches = 5 whole epochs
+  stream = _take(loader_lib.PromptLoader(_records(n), b, seed=4), 3).reshape(-1)
+  for epoch in stream.reshape(5, n):
+    np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+  np.testing.assert_array_equal(
+      _take(loader_lib.PromptLoader(_records(1), 4, seed=0), 2), np.zeros((2, 4)))
 
 
 def test_loader_rejects_bad_arguments():
   with pytest.raises(ValueError, match="no prompt records"):
     loader_lib.PromptLoader([], 2, seed=0)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    loader_lib.PromptLoader(_records(3), 0, seed=0)
+  with pytest.raises(ValueError, match="seed=-1"):
+    loader_lib.PromptLoader(_records(3), 1, seed=-1)
+  with pytest.raises(ValueError, match="shard_count=0"):
+    loader_lib.PromptLoader(_records(3), 1, seed=0, shard_count=0)
   with pytest.raises(ValueError, match="shard_index=2"):
     loader_lib.PromptLoader(_records(3), 1, seed=0, shard_index=2, shard_count=2)
 

@@ -6,13 +6,14 @@
 
 Files are read from where the user keeps them: a path, or a dataset name resolved in
 `$MGRPO_DATASETS` (default `../shared/datasets` next to the repository). A malformed row is a
-`PromptFileError` naming the file and the line.
+`PromptFileError` whose message starts with `file:line:`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from typing import Any
 
@@ -23,6 +24,7 @@ DATASETS = {
     "pickscore_25k": "pickscore_25k/{split}.txt",
 }
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOM = "\ufeff"  # spreadsheet programs prepend it to UTF-8 exports; it is not part of line 1
 
 
 class PromptFileError(ValueError):
@@ -42,104 +44,133 @@ class PromptRecord:
   metadata: dict[str, Any]
 
 
+def _read_text(path: str) -> str:
+  """The file decoded as UTF-8 (BOM dropped); invalid bytes are an error naming their line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"prompt file {path} does not exist")
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise PromptFileError(f"{path}:{line}: invalid UTF-8 ({e.reason}: byte "
+                          f"{data[e.start:e.start + 1]!r})") from e
+  return text[len(_BOM):] if text.startswith(_BOM) else text
+
+
 def load_ocr_color_csv(path: str) -> list[PromptRecord]:
   """Reads an OCR-Color-10 CSV.
 
+  The header must name exactly the columns of `OCR_COLOR_COLUMNS` (in any order). Rows that are
+  entirely blank are skipped. The colour is lower-cased (the colour reward compares names).
+
+  Args:
+    path: the .csv file.
+
+  Returns:
+    One record per row, in file order.
+
   Raises:
     FileNotFoundError: no such file.
-    PromptFileError: a missing column, a row with the wrong number of fields, an empty prompt,
-      text or colour, or invalid UTF-8; the message starts with `path:line:`.
+    PromptFileError: a missing, unknown or repeated column, a row with the wrong number of
+      fields, an empty prompt, text or colour, malformed quoting, invalid UTF-8, or no rows; the
+      message starts with `path:line:` (the first line of the offending row).
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt file {path} does not exist")
-  records = []
-  with open(path, encoding="utf-8", newline="") as f:
-    try:
-      reader = csv.reader(f)
-      header = next(reader, None)
-      if header is None:
-        raise PromptFileError(f"{path}:1: empty file, expected the header "
-                              f"{','.join(OCR_COLOR_COLUMNS)}")
-      header = [h.strip() for h in header]
-      missing = [c for c in OCR_COLOR_COLUMNS if c not in header]
-      if missing:
-        raise PromptFileError(f"{path}:1: header {header} lacks column(s) {missing}; expected "
-                              f"{','.join(OCR_COLOR_COLUMNS)}")
-      col = {name: header.index(name) for name in OCR_COLOR_COLUMNS}
-      start = reader.line_num
-      for row in reader:
-        line = reader.line_num  # the row's last physical line (quoted fields may span lines)
-        if not row or all(not field.strip() for field in row):
-          continue
-        if len(row) != len(header):
-          raise PromptFileError(f"{path}:{line}: {len(row)} fields, expected {len(header)} "
-                                f"({','.join(header)})")
-        fields = {name: row[i].strip() for name, i in col.items()}
-        for name in ("prompt", "text", "color"):
-          if not fields[name]:
-            raise PromptFileError(f"{path}:{line}: empty '{name}' field")
-        records.append(PromptRecord(fields["prompt"], {
-            "text": fields["text"], "color": fields["color"].lower(),
-            "source": fields["source"], "line_id": fields["line_id"]}))
-    except UnicodeDecodeError as e:
-      raise PromptFileError(f"{path}:{_line_of_byte(path, e.start)}: invalid UTF-8 "
-                            f"({e.reason})") from e
-    except csv.Error as e:
-      raise PromptFileError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
+  # strict: a stray or unclosed quote is an error rather than text silently merged into a field.
+  reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+  expected = ",".join(OCR_COLOR_COLUMNS)
+  line = 1
+  try:
+    header = next(reader, None)
+    if header is None:
+      raise PromptFileError(f"{path}:1: empty file, expected the header {expected}")
+    header = [h.strip() for h in header]
+    missing = [c for c in OCR_COLOR_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in OCR_COLOR_COLUMNS]
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if missing or unknown or repeated:
+      problems = [f"{what} column(s) {cols}" for what, cols in
+                  (("missing", missing), ("unknown", unknown), ("repeated", repeated)) if cols]
+      raise PromptFileError(f"{path}:1: header {','.join(header)} has {'; '.join(problems)}; "
+                            f"expected {expected}")
+    col = {name: header.index(name) for name in OCR_COLOR_COLUMNS}
+    records = []
+    while True:
+      # A quoted field may span lines: report the row's first line, where a reader would look.
+      line = reader.line_num + 1
+      row = next(reader, None)
+      if row is None:
+        break
+      if all(not field.strip() for field in row):
+        continue
+      if len(row) != len(header):
+        raise PromptFileError(f"{path}:{line}: {len(row)} field(s), expected {len(header)} "
+                              f"({','.join(header)})")
+      fields = {name: row[i].strip() for name, i in col.items()}
+      for name in ("prompt", "text", "color"):
+        if not fields[name]:
+          raise PromptFileError(f"{path}:{line}: empty '{name}' field")
+      records.append(PromptRecord(fields["prompt"], {
+          "text": fields["text"], "color": fields["color"].lower(),
+          "source": fields["source"], "line_id": fields["line_id"]}))
+  except csv.Error as e:
+    # An unclosed quote is only noticed at the end of the file; the row's start is the clue.
+    raise PromptFileError(f"{path}:{line}: malformed CSV in the row starting here ({e})") from e
   if not records:
-    raise PromptFileError(f"{path}:{start + 1}: no prompts after the header")
+    raise PromptFileError(f"{path}:{reader.line_num + 1}: no prompt rows after the header")
   return records
 
 
-def _line_of_byte(path: str, offset: int) -> int:
-  """1-based line of the byte at `offset` of the decoded-so-far text (approximate for CSV)."""
-  with open(path, "rb") as f:
-    data = f.read()
-  # The decoder's offset is within its current chunk; find the first invalid byte instead.
-  for lineno, raw in enumerate(data.split(b"\n"), start=1):
-    try:
-      raw.decode("utf-8")
-    except UnicodeDecodeError:
-      return lineno
-  del offset
-  return 1
-
-
 def load_prompt_lines(path: str) -> list[PromptRecord]:
-  """Reads a one-prompt-per-line text file (PickScore-25k); blank lines are skipped.
+  """Reads a one-prompt-per-line text file (PickScore-25k).
+
+  Surrounding whitespace (and the line ending, `\\n` or `\\r\\n`) is stripped; blank lines are
+  skipped, so a record's metadata['line'] is its 1-based line in the file.
+
+  Args:
+    path: the .txt file.
+
+  Returns:
+    One record per non-blank line, in file order.
 
   Raises:
     FileNotFoundError: no such file.
     PromptFileError: invalid UTF-8 (naming the line) or no prompts at all.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"prompt file {path} does not exist")
   records = []
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, start=1):
-      try:
-        text = raw.decode("utf-8").strip()
-      except UnicodeDecodeError as e:
-        raise PromptFileError(f"{path}:{lineno}: invalid UTF-8 ({e.reason} at byte "
-                              f"{e.start})") from e
-      if text:
-        records.append(PromptRecord(text, {"line": lineno}))
+  # split('\n') rather than splitlines(): the latter also breaks at \x0b, \x1c, U+2028..., which
+  # would shift line numbers away from what an editor shows.
+  for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
+    text = line.strip()
+    if text:
+      records.append(PromptRecord(text, {"line": lineno}))
   if not records:
     raise PromptFileError(f"{path}: no prompts (the file is empty or blank)")
   return records
 
 
 def load_prompts(path: str) -> list[PromptRecord]:
-  """Reads a prompt file by extension: .csv (OCR-Color-10) or .txt (one prompt per line)."""
-  if path.endswith(".csv"):
+  """Reads a prompt file by extension: .csv (OCR-Color-10) or .txt (one prompt per line).
+
+  Raises:
+    FileNotFoundError: no such file.
+    PromptFileError: an unknown extension, or a malformed file (see the two loaders).
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"prompt file {path} does not exist")
+  ext = os.path.splitext(path)[1].lower()
+  if ext == ".csv":
     return load_ocr_color_csv(path)
-  if path.endswith(".txt"):
+  if ext == ".txt":
     return load_prompt_lines(path)
-  raise PromptFileError(f"{path}: unknown prompt file type; expected .csv (OCR-Color-10: "
-                        f"{','.join(OCR_COLOR_COLUMNS)}) or .txt (one prompt per line)")
+  raise PromptFileError(f"{path}: unknown prompt file type {ext or '(no extension)'!r}; expected "
+                        f".csv (OCR-Color-10: {','.join(OCR_COLOR_COLUMNS)}) or .txt (one prompt "
+                        "per line)")
 
 
 def datasets_root() -> str:
+  """The folder of named datasets: $MGRPO_DATASETS, else `shared/datasets` beside the repo."""
   return os.environ.get("MGRPO_DATASETS") or os.path.join(os.path.dirname(_REPO_ROOT), "shared",
                                                            "datasets")
 
@@ -148,12 +179,15 @@ def dataset_path(name: str, split: str) -> str:
   """The file of a named dataset's split, e.g. ('ocr_color_10', 'test') -> .../test.csv.
 
   Raises:
-    ValueError: unknown dataset name.
+    ValueError: unknown dataset name, or a split that is not a plain file name.
     FileNotFoundError: the split's file is not there (names the path and $MGRPO_DATASETS).
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or give a path to "
                      "a .csv / .txt prompt file)")
+  if not split or os.sep in split or "/" in split or split in (".", ".."):
+    raise ValueError(f"dataset {name!r}: split {split!r} is not a split name such as 'train' or "
+                     "'test'")
   path = os.path.join(datasets_root(), DATASETS[name].format(split=split))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"dataset {name!r} split {split!r}: {path} does not exist; set "

@@ -1,6 +1,9 @@
 """Rewards by name (`config.reward.names`): OCR accuracy, text colour, JPEG size, ...
 
 Importing the package registers every built-in reward.
+
+  host = HostRewards({"ocr": {}, "text_color": {}}, max_workers=4)
+  scores = host.submit(images, prompts, metadata).result()  # {name: float32 [N]}
 """
 
 from mgrpo_jax.rewards import jpeg, ocr, remote, text_color  # noqa: F401  (registration)
@@ -8,3 +11,6 @@ from mgrpo_jax.rewards.base import (PerImageReward, available_rewards, check_bat
                                     get_reward, register)
 from mgrpo_jax.rewards.host import HostRewards, RewardError  # noqa: F401
 from mgrpo_jax.rewards.remote import RemoteReward, RemoteRewardError, register_remote  # noqa: F401
+
+__all__ = ["HostRewards", "PerImageReward", "RemoteReward", "RemoteRewardError", "RewardError",
+           "available_rewards", "check_batch", "get_reward", "register", "register_remote"]

@@ -28,6 +28,7 @@ def register(name: str):
 
 
 def available_rewards() -> list[str]:
+  """Sorted names of the registered rewards."""
   return sorted(_REWARDS)
 
 
@@ -59,9 +60,11 @@ class PerImageReward:
   per_image = True
 
   def score_one(self, image: np.ndarray, prompt: str, metadata: dict) -> float:
-    raise NotImplementedError
+    """The reward of one uint8 [H, W, 3] image for its prompt and metadata."""
+    raise NotImplementedError(f"{type(self).__name__} does not implement score_one")
 
   def __call__(self, images, prompts, metadata) -> np.ndarray:
+    """uint8 [N, H, W, 3], N prompts, N metadata dicts -> float32 [N] (images one by one)."""
     check_batch(images, prompts, metadata)
     return np.asarray([self.score_one(im, p, m) for im, p, m in zip(images, prompts, metadata)],
                       np.float32)

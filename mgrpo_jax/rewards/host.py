@@ -22,6 +22,7 @@ class RewardError(RuntimeError):
 
 
 def _score_chunk(name, reward, images, prompts, metadata, offset) -> np.ndarray:
+  """Per-image reward on images[offset:offset + n] (given sliced) -> float32 [n]."""
   out = np.empty(len(images), np.float32)
   for j, (image, prompt, meta) in enumerate(zip(images, prompts, metadata)):
     try:
@@ -33,6 +34,7 @@ def _score_chunk(name, reward, images, prompts, metadata, offset) -> np.ndarray:
 
 
 def _score_batch(name, reward, images, prompts, metadata) -> np.ndarray:
+  """Whole-batch reward -> float32 array as returned (its shape is checked by the caller)."""
   try:
     return np.asarray(reward(images, prompts, metadata), np.float32)
   except RewardError:
@@ -44,6 +46,9 @@ def _score_batch(name, reward, images, prompts, metadata) -> np.ndarray:
 
 class HostRewards:
   """Scores batches of images with several named rewards on a thread pool.
+
+  Usage: `fut = host.submit(images, prompts, metadata)`, later `fut.result()` ->
+  {name: float32 [N]}; `close()` (or a `with` block) stops the threads.
 
   Args:
     spec: reward name -> keyword arguments of its constructor (e.g. {"ocr": {}}).
@@ -68,7 +73,8 @@ class HostRewards:
       prompts: N prompts.
       metadata: N metadata dicts.
     """
-    images = np.asarray(images)
+    # A copy: the caller may reuse its buffer for the next batch while this one is scored.
+    images = np.array(images)
     prompts, metadata = list(prompts), list(metadata)
     check_batch(images, prompts, metadata)
     n = len(images)
@@ -90,7 +96,9 @@ class HostRewards:
     n = len(prompts)
     out = {}
     for name, futures in jobs.items():
-      values = np.concatenate([f.result() for f in futures]).astype(np.float32)
+      parts = [f.result() for f in futures]
+      # One part (a batch reward's output) is checked as returned: it may be 0-d or [N, 1].
+      values = parts[0] if len(parts) == 1 else np.concatenate(parts)
       if values.shape != (n,):
         raise RewardError(f"reward {name!r} returned shape {values.shape}, expected ({n},)")
       bad = np.flatnonzero(~np.isfinite(values))
