@@ -9,12 +9,20 @@ count in --workers.
 Part 2 runs the trainer's pattern on the tiny model: sample batch b on the device, submit its
 rewards to the pool, sample b + 1 while they run. It prints the wall time of --batches batches
 done that way against sampling and scoring one after the other.
+Part 3 prints images/s of the on-device rewards (pickscore, clipscore, aesthetic) on a tiny
+random CLIP (2 layers of width 64 per tower, 224 px input, 32 px patches) that it writes as a
+transformers CLIPModel directory without torch, for the same two kinds of images. Their cost on
+real PickScore / CLIP-L weights scales with the model, so read these as the cost of the
+preprocessing and plumbing, not of a CLIP-H forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+import tempfile
 import time
 
 import jax
@@ -25,7 +33,9 @@ from mgrpo_jax import rewards as rewards_lib
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.models import clip as clip_lib
 from mgrpo_jax.models import registry
+from mgrpo_jax.rewards import device as device_lib
 from mgrpo_jax.sampling import schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +78,10 @@ def throughput(images, workers, repeats=2) -> dict[str, float]:
   return out
 
 
-def overlap(batches: int, workers: int) -> tuple[float, float]:
+def overlap(batches: int, workers: int) -> tuple[float, float, float]:
+  """Seconds for `batches` tiny-model batches: sampling alone, sampling then scoring each batch,
+  and scoring in the pool while the next batch samples. Overlap can hide at most the sampling
+  time, and only while the device (here the same 2 CPU cores) has cycles to spare."""
   config = load_sibling(os.path.join(ROOT, "configs", "tiny_ocr_color.py"),
                         "tiny_ocr_color").get_config()
   mesh = sharding_lib.make_mesh(config.mesh)
@@ -92,6 +105,10 @@ def overlap(batches: int, workers: int) -> tuple[float, float]:
     return np.asarray(out).reshape((-1,) + generator.image_shape)
 
   images_of(0)  # compile
+  t0 = time.perf_counter()
+  for b in range(batches):
+    images_of(300 + b)
+  sampling = time.perf_counter() - t0
   with rewards_lib.HostRewards({n: {} for n in REWARDS}, max_workers=workers) as host:
     host.score(images_of(0)[:2], flat_prompts[:2], meta[:2])
     t0 = time.perf_counter()
@@ -103,7 +120,70 @@ def overlap(batches: int, workers: int) -> tuple[float, float]:
     for f in futures:
       f.result()
     pipelined = time.perf_counter() - t0
-  return serial, pipelined
+  return sampling, serial, pipelined
+
+
+def write_random_clip(directory: str, seed: int = 0) -> None:
+  """A random tiny CLIPModel directory (config.json, safetensors, tokenizer) and an aesthetic
+  head in `directory/aesthetic`, written from our own modules in transformers' layout."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, ROOT)
+  from tests import sd3_tiny  # pylint: disable=import-outside-toplevel
+  tokenizer = sd3_tiny._clip_tokenizer(directory, "<|endoftext|>")  # pylint: disable=protected-access
+  tokenizer.save_pretrained(directory)
+  vocab = len(tokenizer)
+  config = {
+      "projection_dim": 32,
+      "text_config": dict(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+                          max_position_embeddings=77, eos_token_id=vocab - 1),
+      "vision_config": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, image_size=224, patch_size=32),
+  }
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(config, f)
+  model = clip_lib.CLIPModel(clip_lib.CLIPConfig.from_hf_config(config), rngs=nnx.Rngs(seed))
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    key = ".".join(str(k) for k in path)
+    name, transform = clip_lib._name(key)  # pylint: disable=protected-access
+    value = np.asarray(variable.get_value())
+    if transform is not None:  # back to torch's layout: the inverse of the loader's transposes
+      value = np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else value.T
+    tensors[name] = np.array(value, order="C")  # (ascontiguousarray would make 0-d 1-d)
+  save_file(tensors, os.path.join(directory, "model.safetensors"))
+  head = device_lib.AestheticHead(32, rngs=nnx.Rngs(seed + 1))
+  head_tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(head, nnx.Param)):
+    key = ".".join(str(k) for k in path)
+    stem, leaf = key.rsplit(".", 1)
+    value = np.asarray(variable.get_value())
+    head_tensors[stem + (".weight" if leaf == "kernel" else ".bias")] = np.ascontiguousarray(
+        value.T if leaf == "kernel" else value)
+  os.makedirs(os.path.join(directory, "aesthetic"))
+  save_file(head_tensors, os.path.join(directory, "aesthetic", "model.safetensors"))
+
+
+def device_throughput(images: np.ndarray, directory: str, repeats: int = 3) -> dict[str, float]:
+  """images/s of each device reward on `images` [N, H, W, 3] (one image per prompt)."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  cfg = ml_collections.ConfigDict({"pickscore_path": directory, "clip_path": directory,
+                                   "aesthetic_path": os.path.join(directory, "aesthetic")})
+  prompts = [f"a sign that reads OPEN {i}" for i in range(len(images))]
+  batch = sharding_lib.global_batch(images[:, None], mesh)
+  out = {}
+  for name in device_lib.DEVICE_REWARDS:
+    reward = device_lib.DeviceReward(name, cfg, mesh)
+    reward(batch, prompts).block_until_ready()  # compile
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      reward(batch, prompts).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    out[name] = len(images) / float(np.median(times))
+  return out
 
 
 def main():
@@ -121,9 +201,18 @@ def main():
     for w in args.workers:
       res = throughput(images, w)
       print(f"{kind:<12}{w:>8}" + "".join(f"{res[n]:>28.1f}" for n in REWARDS))
-  serial, pipelined = overlap(args.batches, max(args.workers))
-  print(f"tiny model, {args.batches} batches, rewards {REWARDS}: sample-then-score "
+  sampling, serial, pipelined = overlap(args.batches, max(args.workers))
+  print(f"tiny model, {args.batches} batches, rewards {REWARDS}: sampling alone "
+        f"{sampling:.2f} s, sample-then-score "
         f"{serial:.2f} s, overlapped {pipelined:.2f} s ({serial / pipelined:.2f}x)")
+  with tempfile.TemporaryDirectory() as directory:
+    write_random_clip(directory)
+    names = device_lib.DEVICE_REWARDS
+    print(f"device rewards, tiny random CLIP, {jax.device_count()} device(s)")
+    print(f"{'images':<12}" + "".join(f"{n + ' img/s':>20}" for n in names))
+    for kind, images in kinds.items():
+      res = device_throughput(images, directory)
+      print(f"{kind:<12}" + "".join(f"{res[n]:>20.1f}" for n in names))
 
 
 if __name__ == "__main__":
