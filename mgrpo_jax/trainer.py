@@ -65,6 +65,13 @@ def sampler_from_config(config) -> rollout_lib.SamplerConfig:
       same_latent=bool(config.sample.same_latent))
 
 
+def generator_sigmas(generator, config, num_steps: int) -> np.ndarray:
+  """The [T + 1] sigma schedule: the generator's own (FLUX) or SD3's with `sample.shift`."""
+  if generator.sigmas is not None:
+    return generator.sigmas(num_steps)
+  return schedule.flow_match_sigmas(num_steps, config.sample.shift)
+
+
 def advantage_config(config) -> adv_lib.AdvantageConfig:
   if len(config.reward.names) != len(config.reward.weights):
     raise ValueError(f"reward.names {tuple(config.reward.names)} and reward.weights "
@@ -380,7 +387,6 @@ class Trainer:
     self.spec = tree_spec_from_config(config)
     self.sampler = sampler_from_config(config)
     self.adv_cfg = advantage_config(config)
-    self.sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
 
     P = config.data.prompts_per_batch
     multiple = sharding_lib.batch_size_multiple(self.mesh)
@@ -407,6 +413,7 @@ class Trainer:
 
     # Model and optimizer state, created sharded.
     self.generator = registry.get_generator(config.model)
+    self.sigmas = generator_sigmas(self.generator, config, config.sample.num_steps)
     graphdef, trainable, self.frozen = build_model_states(self.generator, config, self.mesh)
     self.policy = Policy(graphdef, bool(config.lora.enabled))
     self.tx = make_optimizer(config)
@@ -442,7 +449,7 @@ class Trainer:
                          (False,) * config.sample.eval_num_steps)
     self.eval_fn = on_mesh(jax.jit(make_sample_fn(
         self.policy, eval_spec, self.sampler,
-        schedule.flow_match_sigmas(config.sample.eval_num_steps, config.sample.shift),
+        generator_sigmas(self.generator, config, config.sample.eval_num_steps),
         self.generator.latent_shape)))
     train_step = make_train_step(self.policy, self.tx, self.spec, self.sampler, self.sigmas,
                                  config.train)

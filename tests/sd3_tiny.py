@@ -1,7 +1,7 @@
-"""Writes a tiny random Stable Diffusion 3 directory in the real diffusers layout (test helper).
+"""Writes tiny random Stable Diffusion 3 and FLUX.1 directories in the real diffusers layout.
 
-Every component is a real diffusers / transformers torch model with small sizes, saved with
-`StableDiffusion3Pipeline.save_pretrained` (safetensors), and the three tokenizers are built
+Test helpers. Every component is a real diffusers / transformers torch model with small sizes,
+saved with the pipeline's `save_pretrained` (safetensors), and the tokenizers are built
 offline: byte-level CLIP BPE vocabularies without merges and a character Unigram model for T5.
 Requires torch, diffusers and transformers.
 """
@@ -108,6 +108,56 @@ def write_tiny_sd3(directory: str, seed: int = 0):
       tokenizer_2=tokenizer_2, text_encoder_3=t5.eval(), tokenizer_3=tokenizer_3)
   pipe.save_pretrained(directory, safe_serialization=True)
   for i in "123":
+    if os.path.isdir(tmp + i):
+      os.rmdir(tmp + i)
+  return pipe
+
+
+def write_tiny_flux(directory: str, seed: int = 0, guidance_embeds: bool = True):
+  """Saves a random tiny FLUX.1 pipeline (dev-style: guidance embedding, dynamic shift) to
+  `directory`; returns the torch pipeline."""
+  import diffusers
+  import torch
+  import transformers
+
+  torch.manual_seed(seed)
+  tmp = os.path.join(directory, "_tok")
+  tokenizer = _clip_tokenizer(tmp + "1", "<|endoftext|>")
+  tokenizer_2 = _t5_tokenizer(tmp + "2")
+  vocab = len(tokenizer)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+      eos_token_id=2, bos_token_id=vocab - 2, pad_token_id=1))
+  t5 = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=80, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+      feed_forward_proj="gated-gelu", is_encoder_decoder=False))
+  transformer = diffusers.FluxTransformer2DModel(
+      patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+      num_attention_heads=2, joint_attention_dim=48, pooled_projection_dim=32,
+      guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+      up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], layers_per_block=1,
+      latent_channels=16, norm_num_groups=4, sample_size=RESOLUTION, scaling_factor=0.3611,
+      shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+  with torch.no_grad():  # norms and biases off their constant initial values
+    for model in (clip, t5, transformer, vae):
+      for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+          p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in name and
+                                               name.endswith("weight") else 0.0))
+  # FLUX.1-dev's scheduler settings (resolution-dependent exponential shift).
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+      shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+      base_image_seq_len=256, max_image_seq_len=4096)
+  pipe = diffusers.FluxPipeline(
+      transformer=transformer.eval(), scheduler=scheduler, vae=vae.eval(),
+      text_encoder=clip.eval(), tokenizer=tokenizer, text_encoder_2=t5.eval(),
+      tokenizer_2=tokenizer_2)
+  pipe.save_pretrained(directory, safe_serialization=True)
+  for i in "12":
     if os.path.isdir(tmp + i):
       os.rmdir(tmp + i)
   return pipe

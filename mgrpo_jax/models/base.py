@@ -57,6 +57,9 @@ class Generator:
     image_shape: (H, W, 3).
     load_weights: optional `(abstract_state, shardings) -> state` that reads real weights from
       disk; None for random-init models.
+    sigmas: optional `num_steps -> float32 [T + 1]` schedule of the checkpoint's own scheduler
+      (FLUX's resolution-dependent shift); None means SD3's shifted schedule with
+      `config.sample.shift` (`sampling.schedule.flow_match_sigmas`).
   """
 
   name: str
@@ -65,3 +68,4 @@ class Generator:
   latent_shape: tuple[int, int, int]
   image_shape: tuple[int, int, int]
   load_weights: Callable[..., Any] | None = None
+  sigmas: Callable[[int], np.ndarray] | None = None

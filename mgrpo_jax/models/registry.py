@@ -94,6 +94,22 @@ def _sd3(model_config) -> base.Generator:
   return sd3.make_generator(sd3.SD3Settings(**_fields(model_config, sd3.SD3Settings)))
 
 
+def flux_model_config(path: str = "") -> ml_collections.ConfigDict:
+  """The config group of a FLUX.1 generator read from a local diffusers directory."""
+  from mgrpo_jax.models import flux  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict()
+  config.name = "flux"
+  for field in dataclasses.fields(flux.FluxSettings):
+    setattr(config, field.name, path if field.name == "path" else field.default)
+  return config
+
+
+@register("flux")
+def _flux(model_config) -> base.Generator:
+  from mgrpo_jax.models import flux  # pylint: disable=import-outside-toplevel
+  return flux.make_generator(flux.FluxSettings(**_fields(model_config, flux.FluxSettings)))
+
+
 def make_module(model_config, seed: int = 0) -> nnx.Module:
   """Convenience: the generator's module, random-initialised eagerly (tests, notebooks)."""
   return get_generator(model_config).make_module(nnx.Rngs(seed))

@@ -224,6 +224,18 @@ class CLIPTextModelWithProjection(nnx.Module):
     return out
 
 
+class CLIPTextModel(nnx.Module):
+  """CLIP text tower without projection (FLUX's `text_encoder`, transformers' CLIPTextModel)."""
+
+  def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.text_model = _CLIPTransformer(config, rngs)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
+    """int [B, L] -> the dict of `clip_text_forward`; 'pooled' is transformers' pooler_output."""
+    return clip_text_forward(self.text_model, self.config, input_ids, attention_mask)
+
+
 def clip_text_forward(tm: _CLIPTransformer, cfg: CLIPTextConfig, input_ids: jax.Array,
                       attention_mask: jax.Array | None = None) -> dict[str, jax.Array]:
   """The CLIP text transformer (shared by SD3's encoders and the CLIP reward models).
@@ -515,14 +527,15 @@ def _load_state(directory: str, abstract_state, mesh, rules, component: str,
     mesh, rules: placement by logical axes (see `weights.load_state`).
     component: name for error messages.
     ignore: checkpoint tensor name -> whether it is unused on purpose.
-    aliases: our expected tensor name -> the name to read instead when the first is absent.
+    aliases: our expected tensor name -> the name to read instead when the first is absent
+      and the alias present (errors name the expected tensor).
   """
   checkpoint = weights.Checkpoint(directory)
 
   def name_fn(path):
     name, transform = weights.torch_name(path, weights.linear_kernel)
-    if aliases and name not in checkpoint:
-      name = aliases.get(name, name)
+    if aliases and name not in checkpoint and aliases.get(name) in checkpoint:
+      name = aliases[name]
     return name, transform
 
   used = {name_fn(".".join(str(k) for k in path))[0]
@@ -534,12 +547,15 @@ def _load_state(directory: str, abstract_state, mesh, rules, component: str,
 
 
 def load_clip_text_state(directory: str, abstract_state, mesh=None, rules=None) -> nnx.State:
-  """Fills the state of a `CLIPTextModelWithProjection` from a transformers directory.
+  """Fills the state of a `CLIPTextModelWithProjection` or `CLIPTextModel` from a directory.
 
-  The non-persistent `position_ids` buffer, which some checkpoints carry, is skipped.
+  The non-persistent `position_ids` buffer, which some checkpoints carry, is skipped. A
+  CLIPTextModel saved by transformers 5 names its tensors without the `text_model.` prefix that
+  transformers 4 (and the published FLUX.1 / SD checkpoints) use; both are read.
 
   Args:
-    directory: a CLIPTextModelWithProjection directory (config.json + safetensors).
+    directory: a CLIPTextModelWithProjection / CLIPTextModel directory (config.json +
+      safetensors).
     abstract_state: the module's state, e.g. from `nnx.split(nnx.eval_shape(...))`.
     mesh, rules: if given, place by logical axis names (else by the leaves' `.sharding`).
 
@@ -548,8 +564,14 @@ def load_clip_text_state(directory: str, abstract_state, mesh=None, rules=None) 
     CheckpointError: missing / unexpected / mis-shaped tensors, named.
   """
   CLIPTextConfig.from_hf_config(weights.read_config(directory))  # names unsupported values
+  prefix = "text_model."
+  aliases = {}
+  for path, _ in nnx.to_flat_state(abstract_state):
+    name = weights.torch_name(".".join(str(k) for k in path), weights.linear_kernel)[0]
+    if name.startswith(prefix):
+      aliases[name] = name[len(prefix):]
   return _load_state(directory, abstract_state, mesh, rules, "CLIP text encoder",
-                     ignore=lambda name: name.endswith("position_ids"))
+                     ignore=lambda name: name.endswith("position_ids"), aliases=aliases)
 
 
 def load_t5_state(directory: str, abstract_state, mesh=None, rules=None) -> nnx.State:

@@ -40,6 +40,28 @@ def flow_match_sigmas(num_steps: int, shift: float = 3.0,
   return np.append(sigmas, 0.0).astype(np.float32)
 
 
+def flux_sigmas(num_steps: int, image_seq_len: int, *, dynamic: bool = True, shift: float = 1.0,
+                base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                max_shift: float = 1.15) -> np.ndarray:
+  """FluxPipeline's schedule: `linspace(1, 1/T, T)` shifted, then 0 appended.
+
+  With `dynamic` (FLUX.1-dev's `use_dynamic_shifting`) the shift depends on the number of image
+  tokens: mu is linear in `image_seq_len` through (base_seq_len, base_shift) and (max_seq_len,
+  max_shift), and diffusers' exponential time shift `e^mu / (e^mu + 1/s - 1)` equals SD3's
+  shift formula with shift = e^mu. Without it, `shift` is used as is (schnell: 1.0).
+
+  Returns:
+    float32 numpy [T + 1], from 1 down to 0.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+  sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
+  if dynamic:
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    shift = float(np.exp(image_seq_len * slope + base_shift - slope * base_seq_len))
+  return np.append(shift_sigmas(sigmas, shift), 0.0).astype(np.float32)
+
+
 def sde_step_mask(num_steps: int, window: tuple[int, int] | None) -> np.ndarray:
   """Which steps are stochastic (and therefore stored and trained).
 
