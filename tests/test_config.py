@@ -84,3 +84,19 @@ def test_sd35m_configs_have_the_papers_settings(name):
   from mgrpo_jax.models import registry
   with pytest.raises(ValueError, match="config.model.path is empty"):
     registry.get_generator(config.model)
+
+
+def test_flux_pickscore_config_has_flow_grpos_flux_settings():
+  module = load_sibling(os.path.join(ROOT, "configs", "flux_pickscore.py"), "flux_pickscore")
+  config = module.get_config()
+  assert config.model.name == "flux" and config.model.guidance == 3.5
+  assert config.sample.num_steps == 6 and config.sample.eval_num_steps == 28
+  assert config.sample.guidance_scale == 1.0 and config.sample.noise_level == 0.9
+  assert config.train.beta == 0.0 and config.advantage.per_prompt_history
+  spec = trainer.tree_spec_from_config(config)
+  assert spec.num_leaves == 24 and max(config.tree.branch_steps) < 6
+  assert config.data.prompts_per_batch * config.sample.batches_per_iteration == 48
+  assert trainer.tree_spec_from_config(module.get_config("flat")).num_leaves == 24
+  from mgrpo_jax.models import registry
+  with pytest.raises(ValueError, match="config.model.path is empty"):
+    registry.get_generator(config.model)
