@@ -1,8 +1,9 @@
-r"""Per-device memory of the real-size SD3.5-Medium LoRA train step, compiled ahead of time.
+r"""Per-device memory of the real-size SD3.5-Medium / FLUX.1-dev LoRA train step, compiled AOT.
 
-  python bench/memory_plan.py                                  # 8 simulated devices, fsdp=8
+  python bench/memory_plan.py                                  # SD3.5-M, 8 devices, fsdp=8
   python bench/memory_plan.py --mesh 2,4,1 --batch 1 2 4
   python bench/memory_plan.py --num_layers 2                   # quick check of the script
+  python bench/memory_plan.py --model flux --batch 1           # FLUX.1-dev (no CFG, no KL)
 
 Nothing is allocated: the model (SD3.5-Medium's transformer config, bf16 weights, float32 LoRA
 r=32 on the attention projections of both streams) is built with `nnx.eval_shape`, the
@@ -19,7 +20,9 @@ with remat keeps every activation. The remat column is therefore an estimate fro
 compilations of the temporaries: with per-block cost a = T(2 layers) - T(1 layer) and the rest
 b = T(1) - a, remat keeps b + a (one block's activations while it is recomputed) + the saved
 block inputs of every layer, on top of the full model's arguments and outputs. The "linear"
-column, b + a * layers, checks that model against the full compile's temporaries.
+column, b + a * layers, checks that model against the full compile's temporaries. FLUX has two
+kinds of blocks, so its per-block costs come from T(1 double, 1 single), T(2, 1) and T(1, 2), and
+remat keeps the larger of the two.
 
 Figures are XLA:CPU's, with attention materialising its score matrices; TPU and GPU kernels
 (flash attention through `jax.nn.dot_product_attention`) need much less, so read these as upper
@@ -49,8 +52,8 @@ from flax import nnx  # noqa: E402
 import mgrpo_jax  # noqa: E402,F401
 from mgrpo_jax import sharding as sharding_lib  # noqa: E402
 from mgrpo_jax import trainer as trainer_lib  # noqa: E402
+from mgrpo_jax.models import flux_transformer, sd3_transformer  # noqa: E402
 from mgrpo_jax.models import lora as lora_lib  # noqa: E402
-from mgrpo_jax.models import sd3_transformer  # noqa: E402
 from mgrpo_jax.sampling import rollout as rollout_lib  # noqa: E402
 from mgrpo_jax.sampling import schedule  # noqa: E402
 from mgrpo_jax.sampling.tree import make_tree_spec  # noqa: E402
@@ -61,31 +64,55 @@ SD35_MEDIUM = dict(
     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-# Flow-GRPO's LoRA targets for SD3 (both streams' q/k/v/out of the joint attention).
+# black-forest-labs/FLUX.1-dev transformer/config.json (architecture fields).
+FLUX1_DEV = dict(
+    patch_size=1, in_channels=64, out_channels=64, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+    pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# Flow-GRPO's LoRA targets (both streams' q/k/v/out of the joint attention; FLUX's single
+# blocks have q/k/v only).
 LORA_TARGETS = (r"attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",)
 GiB = 1024 ** 3
 
 
-class Velocity(nnx.Module):
-  """The transformer behind the generator interface's `velocity(x, sigma, cond)`."""
+def model_spec(name: str, layers: tuple[int, ...]):
+  """(make_transformer, velocity, model width, pooled width) for `layers` blocks: (n,) for
+  SD3.5-M, (n_double, n_single) for FLUX.1-dev; bf16 weights and compute."""
+  kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, remat=False)
+  if name == "sd35m":
+    (n,) = layers
+    config = sd3_transformer.SD3TransformerConfig(
+        **dict(SD35_MEDIUM, num_layers=n, dual_attention_layers=tuple(
+            i for i in SD35_MEDIUM["dual_attention_layers"] if i < n)), **kw)
+    return (lambda rngs: sd3_transformer.SD3Transformer(config, rngs=rngs),
+            lambda t, x, s, c: t(x, s, c["hidden"], c["pooled"]), config.inner_dim, 2048)
+  n_double, n_single = layers
+  config = flux_transformer.FluxTransformerConfig(
+      **dict(FLUX1_DEV, num_layers=n_double, num_single_layers=n_single), **kw)
+  guidance = lambda s: jnp.full(s.shape, 3.5, jnp.float32)
+  return (lambda rngs: flux_transformer.FluxTransformer(config, rngs=rngs),
+          lambda t, x, s, c: t(x, s, c["hidden"], c["pooled"], guidance(s)), config.inner_dim,
+          768)
 
-  def __init__(self, config, rngs):
-    self.transformer = sd3_transformer.SD3Transformer(config, rngs=rngs)
+
+class Velocity(nnx.Module):
+  """A transformer behind the generator interface's `velocity(x, sigma, cond)`."""
+
+  def __init__(self, make, call, rngs):
+    self.transformer = make(rngs)
+    self._call = call
 
   def velocity(self, x, sigma, cond):
-    return self.transformer(x, sigma, cond["hidden"], cond["pooled"])
+    return self._call(self.transformer, x, sigma, cond)
 
 
-def plan(args, per_device: int, remat: bool) -> dict[str, float]:
+def plan(args, per_device: int, layers: tuple[int, ...]) -> dict[str, float]:
+  """XLA's memory analysis (GiB per device) of the train step with `layers` blocks."""
   mesh = sharding_lib.make_mesh(dict(zip(("data", "fsdp", "tensor"), args.mesh)))
-  arch = dict(SD35_MEDIUM, num_layers=args.num_layers,
-              dual_attention_layers=tuple(i for i in SD35_MEDIUM["dual_attention_layers"]
-                                          if i < args.num_layers))
-  config = sd3_transformer.SD3TransformerConfig(**arch, dtype=jnp.bfloat16,
-                                                param_dtype=jnp.bfloat16, remat=remat)
+  make_transformer, call, _, pooled_dim = model_spec(args.model, layers)
 
   def make():
-    model = Velocity(config, nnx.Rngs(0))
+    model = Velocity(make_transformer, call, nnx.Rngs(0))
     lora_lib.apply_lora(model, LORA_TARGETS, args.lora_rank, 2.0 * args.lora_rank,
                         rngs=nnx.Rngs(1))
     return model
@@ -125,13 +152,14 @@ def plan(args, per_device: int, remat: bool) -> dict[str, float]:
 
   P = per_device * sharding_lib.batch_size_multiple(mesh)
   h = args.resolution // 8
+  channels = 16  # both models' VAE latents
   def batched(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_lib.batch_sharding(mesh,
                                                                                    len(shape)))
   cond = {"hidden": batched((P, args.text_len, 4096), jnp.bfloat16),
-          "pooled": batched((P, 2048), jnp.bfloat16)}
-  batch = {"latents": batched((P, 1, h, h, 16), jnp.float32),
-           "next_latents": batched((P, 1, h, h, 16), jnp.float32),
+          "pooled": batched((P, pooled_dim), jnp.bfloat16)}
+  batch = {"latents": batched((P, 1, h, h, channels), jnp.float32),
+           "next_latents": batched((P, 1, h, h, channels), jnp.float32),
            "log_probs": batched((P, 1), jnp.float32), "steps": batched((P, 1), jnp.int32),
            "advantages": batched((P, 1), jnp.float32), "keep": batched((P, 1), jnp.float32),
            "cond": cond, "neg_cond": cond if args.cfg != 1.0 else None}
@@ -148,39 +176,60 @@ def plan(args, per_device: int, remat: bool) -> dict[str, float]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", choices=("sd35m", "flux"), default="sd35m")
   parser.add_argument("--devices", type=int, default=8)
   parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes")
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4],
                       help="transitions per data-parallel device per train step")
-  parser.add_argument("--num_layers", type=int, default=SD35_MEDIUM["num_layers"])
+  parser.add_argument("--num_layers", type=int, default=None,
+                      help="blocks (FLUX: double blocks; single blocks scale with them)")
   parser.add_argument("--resolution", type=int, default=512)
-  parser.add_argument("--text_len", type=int, default=77 + 256, help="CLIP 77 + T5 tokens")
-  parser.add_argument("--cfg", type=float, default=4.5)
-  parser.add_argument("--beta", type=float, default=0.04)
+  parser.add_argument("--text_len", type=int, default=None,
+                      help="tokens (default SD3: CLIP 77 + T5 256; FLUX: T5 512)")
+  parser.add_argument("--cfg", type=float, default=None, help="default 4.5 SD3, 1.0 FLUX")
+  parser.add_argument("--beta", type=float, default=None, help="default 0.04 SD3, 0 FLUX")
   parser.add_argument("--lora_rank", type=int, default=32)
   args = parser.parse_args()
   args.mesh = tuple(int(x) for x in args.mesh.split(","))
-  print(f"SD3.5-Medium transformer ({args.num_layers} layers), {args.resolution} px, text "
-        f"{args.text_len} tokens, CFG {args.cfg}, beta {args.beta}, LoRA r={args.lora_rank}; "
-        f"mesh data,fsdp,tensor={args.mesh} on {jax.device_count()} simulated devices; GiB per "
-        "device")
+  flux = args.model == "flux"
+  # [FG] Flow-GRPO's settings: SD3.5-M with CFG 4.5 and KL 0.04; FLUX.1-dev without CFG or KL.
+  args.text_len = args.text_len or (512 if flux else 77 + 256)
+  args.cfg = args.cfg if args.cfg is not None else (1.0 if flux else 4.5)
+  args.beta = args.beta if args.beta is not None else (0.0 if flux else 0.04)
+  if flux:
+    doubles = args.num_layers or FLUX1_DEV["num_layers"]
+    full_layers = (doubles, doubles * FLUX1_DEV["num_single_layers"] // FLUX1_DEV["num_layers"])
+    name = f"FLUX.1-dev transformer ({full_layers[0]} double + {full_layers[1]} single blocks)"
+  else:
+    full_layers = (args.num_layers or SD35_MEDIUM["num_layers"],)
+    name = f"SD3.5-Medium transformer ({full_layers[0]} layers)"
+  print(f"{name}, {args.resolution} px, text {args.text_len} tokens, CFG {args.cfg}, beta "
+        f"{args.beta}, LoRA r={args.lora_rank}; mesh data,fsdp,tensor={args.mesh} on "
+        f"{jax.device_count()} simulated devices; GiB per device")
   print(f"{'batch/dev':>9} {'args':>7} {'temp':>8} {'total':>8} {'temp lin.':>9} "
         f"{'remat (est.)':>13}")
-  full_layers = args.num_layers
+  _, _, width, _ = model_spec(args.model, full_layers)
   tokens = (args.resolution // 16) ** 2 + args.text_len
   for b in args.batch:
-    args.num_layers = full_layers
-    full = plan(args, b, remat=False)
-    args.num_layers = 1
-    one = plan(args, b, remat=False)["temporaries"]
-    args.num_layers = 2
-    two = plan(args, b, remat=False)["temporaries"]
-    per_block, rest = two - one, 2 * one - two
-    # Saved per block under remat: its image and text stream inputs (float32), for the CFG pair.
-    saved = (2 if args.cfg != 1.0 else 1) * b * tokens * 1536 * 4 / GiB
-    remat = full["arguments"] + full["outputs"] + rest + per_block + saved * full_layers
+    full = plan(args, b, full_layers)
+    if flux:
+      base = plan(args, b, (1, 1))["temporaries"]
+      per_block = {"double": plan(args, b, (2, 1))["temporaries"] - base,
+                   "single": plan(args, b, (1, 2))["temporaries"] - base}
+      rest = base - per_block["double"] - per_block["single"]
+      linear = rest + per_block["double"] * full_layers[0] + per_block["single"] * full_layers[1]
+      largest = max(per_block.values())
+    else:
+      one = plan(args, b, (1,))["temporaries"]
+      two = plan(args, b, (2,))["temporaries"]
+      largest, rest = two - one, 2 * one - two
+      linear = rest + largest * full_layers[0]
+    # Saved per block under remat: its token stream inputs (float32), per CFG branch.
+    saved = (2 if args.cfg != 1.0 else 1) * b * tokens * width * 4 / GiB
+    remat = full["arguments"] + full["outputs"] + rest + largest + saved * sum(full_layers)
     print(f"{b:>9} {full['arguments']:>7.2f} {full['temporaries']:>8.2f} {full['total']:>8.2f} "
-          f"{rest + per_block * full_layers:>9.2f} {remat:>13.2f}", flush=True)
+          f"{linear:>9.2f} {remat:>13.2f}", flush=True)
+
 
 if __name__ == "__main__":
   main()
