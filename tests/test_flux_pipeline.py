@@ -102,6 +102,18 @@ def test_bad_directories_are_named(tiny_flux, tmp_path):
   (tmp_path / "model_index.json").write_text(json.dumps(index))
   with pytest.raises(FileNotFoundError, match="transformer"):
     registry.get_generator(model_config(str(tmp_path)))
+  # Every component but the scheduler's config: its absence is named, not defaulted.
+  import shutil
+  for name in os.listdir(directory):
+    if name != "model_index.json":
+      shutil.copytree(os.path.join(directory, name), tmp_path / name)
+  os.remove(tmp_path / "scheduler" / "scheduler_config.json")
+  with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+    registry.get_generator(model_config(str(tmp_path)))
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+      {"use_dynamic_shifting": True, "shift_terminal": 0.02}))
+  with pytest.raises(ValueError, match="shift_terminal"):
+    registry.get_generator(model_config(str(tmp_path)))
 
 
 @pytest.mark.slow

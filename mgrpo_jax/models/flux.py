@@ -29,7 +29,7 @@ from mgrpo_jax.models import base, flux_transformer, sd3_vae, text_encoders, wei
 from mgrpo_jax.sampling import schedule
 
 CLIP_LENGTH = 77
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "scheduler")
 # scheduler_config.json keys that change FluxPipeline's schedule in ways not implemented here.
 _UNSUPPORTED_SCHEDULER = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
                           "use_beta_sigmas", "invert_sigmas", "use_flow_sigmas")
@@ -134,13 +134,14 @@ def scheduler_sigmas(settings: FluxSettings, image_seq_len: int):
   """`num_steps -> sigmas` following `scheduler/scheduler_config.json` (see schedule.flux_sigmas).
 
   Raises:
+    FileNotFoundError: no scheduler_config.json.
     ValueError: a scheduler option that would change the schedule and is not implemented.
   """
   path = os.path.join(settings.path, "scheduler", "scheduler_config.json")
-  config = {}
-  if os.path.isfile(path):
-    with open(path) as f:
-      config = json.load(f)
+  if not os.path.isfile(path):  # its shift settings decide the schedule: no silent default
+    raise FileNotFoundError(f"{path} not found (FLUX's sigma schedule is read from it)")
+  with open(path) as f:
+    config = json.load(f)
   used = [k for k in _UNSUPPORTED_SCHEDULER if config.get(k)]
   if used or config.get("time_shift_type", "exponential") != "exponential":
     raise ValueError(f"{path}: scheduler options {used or ['time_shift_type']} are not supported "
