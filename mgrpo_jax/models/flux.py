@@ -59,14 +59,7 @@ class FluxSettings:
   remat: bool = False
 
   def __post_init__(self):
-    if not self.path:
-      raise ValueError("config.model.path is empty: give the local diffusers directory of the "
-                       "FLUX.1 checkpoint (nothing is downloaded)")
-    if not os.path.isfile(os.path.join(self.path, "model_index.json")):
-      raise FileNotFoundError(f"config.model.path={self.path} has no model_index.json; expected "
-                              "a diffusers FluxPipeline directory")
-    if self.resolution % 16:
-      raise ValueError(f"config.model.resolution={self.resolution} must be a multiple of 16")
+    weights.check_pipeline_dir(self.path, "FluxPipeline", self.resolution)
 
 
 def _component(settings: FluxSettings, name: str) -> str:
@@ -167,23 +160,11 @@ def load_weights(settings: FluxSettings, abstract_state: nnx.State, mesh=None) -
       "text_encoder": text_encoders.load_clip_text_state,
       "text_encoder_2": text_encoders.load_t5_state,
   }
-  state = dict(abstract_state.items()) if hasattr(abstract_state, "items") else abstract_state
-  unknown = sorted(set(state) - set(loaders))
-  if unknown:
-    raise ValueError(f"FLUX state has components {unknown} with no loader")
-  return nnx.State({name: loaders[name](_component(settings, name), part, mesh=mesh)
-                    for name, part in state.items()})
+  return weights.load_components(settings.path, abstract_state, loaders, mesh, "FLUX")
 
 
 def make_generator(settings: FluxSettings) -> base.Generator:
-  with open(os.path.join(settings.path, "model_index.json")) as f:
-    index = json.load(f)
-  if index.get("_class_name", "FluxPipeline") != "FluxPipeline":
-    raise ValueError(f"{settings.path}/model_index.json is a {index.get('_class_name')}, "
-                     "expected FluxPipeline")
-  missing = [c for c in COMPONENTS if not os.path.isdir(_component(settings, c))]
-  if missing:
-    raise FileNotFoundError(f"{settings.path} lacks component directories {missing}")
+  weights.check_pipeline_components(settings.path, "FluxPipeline", COMPONENTS)
   shapes = nnx.eval_shape(lambda: FluxModel(settings, rngs=nnx.Rngs(0)))
   h, w, _ = shapes.latent_shape
   return base.Generator(

@@ -14,7 +14,6 @@ state tensor by tensor into its sharding.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 
@@ -52,14 +51,7 @@ class SD3Settings:
   remat: bool = False
 
   def __post_init__(self):
-    if not self.path:
-      raise ValueError("config.model.path is empty: give the local diffusers directory of the "
-                       "SD3 / SD3.5 checkpoint (nothing is downloaded)")
-    if not os.path.isfile(os.path.join(self.path, "model_index.json")):
-      raise FileNotFoundError(f"config.model.path={self.path} has no model_index.json; expected "
-                              "a diffusers StableDiffusion3Pipeline directory")
-    if self.resolution % 16:
-      raise ValueError(f"config.model.resolution={self.resolution} must be a multiple of 16")
+    weights.check_pipeline_dir(self.path, "StableDiffusion3Pipeline", self.resolution)
 
 
 def _component(settings: SD3Settings, name: str) -> str:
@@ -146,26 +138,14 @@ def load_weights(settings: SD3Settings, abstract_state: nnx.State, mesh=None) ->
       "text_encoder_2": text_encoders.load_clip_text_state,
       "text_encoder_3": text_encoders.load_t5_state,
   }
-  state = dict(abstract_state.items()) if hasattr(abstract_state, "items") else abstract_state
-  unknown = sorted(set(state) - set(loaders))
-  if unknown:
-    raise ValueError(f"SD3 state has components {unknown} with no loader")
-  loaded = {name: loaders[name](_component(settings, name), part, mesh=mesh)
-            for name, part in state.items()}
-  return nnx.State(loaded)
+  return weights.load_components(settings.path, abstract_state, loaders, mesh, "SD3")
 
 
 def make_generator(settings: SD3Settings) -> base.Generator:
-  with open(os.path.join(settings.path, "model_index.json")) as f:
-    index = json.load(f)
-  if index.get("_class_name", "StableDiffusion3Pipeline") != "StableDiffusion3Pipeline":
-    raise ValueError(f"{settings.path}/model_index.json is a {index.get('_class_name')}, "
-                     "expected StableDiffusion3Pipeline")
-  missing = [c for c in COMPONENTS[:4] if not os.path.isdir(_component(settings, c))]
-  if settings.use_t5 and not os.path.isdir(_component(settings, "text_encoder_3")):
-    missing.append("text_encoder_3 (or set config.model.use_t5=False)")
-  if missing:
-    raise FileNotFoundError(f"{settings.path} lacks component directories {missing}")
+  required = COMPONENTS if settings.use_t5 else COMPONENTS[:4]
+  weights.check_pipeline_components(
+      settings.path, "StableDiffusion3Pipeline", required,
+      hints={"text_encoder_3": " (or set config.model.use_t5=False)"})
   shapes = nnx.eval_shape(lambda: SD3Model(settings, rngs=nnx.Rngs(0)))
   return base.Generator(
       name="sd3",

@@ -265,3 +265,58 @@ def load_state(checkpoint: Checkpoint, abstract_state, name_fn: Callable[[str], 
   out = [(path, variable.replace(loaded[key(path)]) if isinstance(variable, nnx.Variable)
           else loaded[key(path)]) for path, variable in flat]
   return nnx.from_flat_state(out)
+
+
+# ---- diffusers pipeline directories ---------------------------------------------------------------
+def check_pipeline_dir(path: str, pipeline: str, resolution: int) -> None:
+  """Checks `config.model.path` / `config.model.resolution` for a diffusers pipeline directory.
+
+  Raises:
+    ValueError: empty path, or a resolution not a multiple of 16.
+    FileNotFoundError: no model_index.json.
+  """
+  if not path:
+    raise ValueError(f"config.model.path is empty: give the local diffusers directory of the "
+                     f"{pipeline} checkpoint (nothing is downloaded)")
+  if not os.path.isfile(os.path.join(path, "model_index.json")):
+    raise FileNotFoundError(f"config.model.path={path} has no model_index.json; expected a "
+                            f"diffusers {pipeline} directory")
+  if resolution % 16:
+    raise ValueError(f"config.model.resolution={resolution} must be a multiple of 16")
+
+
+def check_pipeline_components(path: str, pipeline: str, required: Iterable[str],
+                              hints: dict[str, str] | None = None) -> None:
+  """model_index.json names `pipeline` and every `required` component directory exists.
+
+  `hints` add a remedy to a missing component's name in the message.
+
+  Raises:
+    ValueError: another pipeline class.
+    FileNotFoundError: listing every missing component.
+  """
+  with open(os.path.join(path, "model_index.json")) as f:
+    index = json.load(f)
+  if index.get("_class_name", pipeline) != pipeline:
+    raise ValueError(f"{path}/model_index.json is a {index.get('_class_name')}, expected "
+                     f"{pipeline}")
+  missing = [c + (hints or {}).get(c, "") for c in required
+             if not os.path.isdir(os.path.join(path, c))]
+  if missing:
+    raise FileNotFoundError(f"{path} lacks component directories {missing}")
+
+
+def load_components(path: str, abstract_state, loaders: dict[str, Callable[..., Any]], mesh,
+                    pipeline: str):
+  """Fills a generator's state component by component: `loaders[name](path/name, part, mesh=)`.
+
+  Raises:
+    ValueError: a state component with no loader.
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  state = dict(abstract_state.items()) if hasattr(abstract_state, "items") else abstract_state
+  unknown = sorted(set(state) - set(loaders))
+  if unknown:
+    raise ValueError(f"{pipeline} state has components {unknown} with no loader")
+  return nnx.State({name: loaders[name](os.path.join(path, name), part, mesh=mesh)
+                    for name, part in state.items()})
