@@ -58,13 +58,18 @@ def _fields(model_config, cls) -> dict:
   return given
 
 
+def _settings_config(name: str, settings_cls, path: str) -> ml_collections.ConfigDict:
+  """A `config.model` group holding every field of a settings dataclass, with its default."""
+  config = ml_collections.ConfigDict()
+  config.name = name
+  for field in dataclasses.fields(settings_cls):
+    setattr(config, field.name, path if field.name == "path" else field.default)
+  return config
+
+
 def default_tiny_model_config() -> ml_collections.ConfigDict:
   """The tiny default generator's config group (every TinyConfig field, with its default)."""
-  config = ml_collections.ConfigDict()
-  config.name = "tiny"
-  for field in dataclasses.fields(tiny_mmdit.TinyConfig):
-    setattr(config, field.name, field.default)
-  return config
+  return _settings_config("tiny", tiny_mmdit.TinyConfig, "")
 
 
 @register("tiny")
@@ -81,27 +86,20 @@ def _tiny(model_config) -> base.Generator:
 def sd3_model_config(path: str = "") -> ml_collections.ConfigDict:
   """The config group of an SD3 / SD3.5 generator read from a local diffusers directory."""
   from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict()
-  config.name = "sd3"
-  for field in dataclasses.fields(sd3.SD3Settings):
-    setattr(config, field.name, path if field.name == "path" else field.default)
-  return config
-
-
-@register("sd3")
-def _sd3(model_config) -> base.Generator:
-  from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
-  return sd3.make_generator(sd3.SD3Settings(**_fields(model_config, sd3.SD3Settings)))
+  return _settings_config("sd3", sd3.SD3Settings, path)
 
 
 def flux_model_config(path: str = "") -> ml_collections.ConfigDict:
   """The config group of a FLUX.1 generator read from a local diffusers directory."""
   from mgrpo_jax.models import flux  # pylint: disable=import-outside-toplevel
-  config = ml_collections.ConfigDict()
-  config.name = "flux"
-  for field in dataclasses.fields(flux.FluxSettings):
-    setattr(config, field.name, path if field.name == "path" else field.default)
-  return config
+  return _settings_config("flux", flux.FluxSettings, path)
+
+
+# The pipelines import torch-free but heavy modules; they load when first used.
+@register("sd3")
+def _sd3(model_config) -> base.Generator:
+  from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
+  return sd3.make_generator(sd3.SD3Settings(**_fields(model_config, sd3.SD3Settings)))
 
 
 @register("flux")
