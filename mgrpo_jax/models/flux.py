@@ -48,6 +48,7 @@ class FluxSettings:
     dtype: compute dtype ("bfloat16" on accelerators).
     param_dtype: dtype weights are loaded in.
     remat: rematerialise transformer blocks in the backward pass.
+    attention: attention kernel ("auto", "xla", "cudnn", "splash"; models/attention.py).
   """
 
   path: str
@@ -57,6 +58,7 @@ class FluxSettings:
   dtype: str = "bfloat16"
   param_dtype: str = "bfloat16"
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     weights.check_pipeline_dir(self.path, "FluxPipeline", self.resolution)
@@ -75,7 +77,8 @@ class FluxModel(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.transformer = flux_transformer.FluxTransformer(
         flux_transformer.FluxTransformerConfig.from_diffusers_config(
-            read("transformer"), remat=settings.remat, **kw), rngs=rngs)
+            read("transformer"), remat=settings.remat, attention=settings.attention,
+            **kw), rngs=rngs)
     # float32 decoding, as for SD3 (bf16 convs band visibly at 512 px).
     self.vae = sd3_vae.AutoencoderKL(sd3_vae.VAEConfig.from_diffusers_config(
         read("vae"), param_dtype=param_dtype), rngs=rngs)

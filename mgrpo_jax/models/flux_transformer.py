@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax.models import attention as attention_lib
 from mgrpo_jax.models import sd3_transformer as sd3t
 from mgrpo_jax.models import weights
 
@@ -65,7 +66,7 @@ class FluxTransformerConfig:
     pooled_projection_dim: width of the pooled CLIP embedding.
     guidance_embeds: FLUX.1-dev's embedded guidance scale (False for schnell).
     axes_dims_rope: rotary widths of the three id axes; they sum to head_dim.
-    dtype, param_dtype, remat: as in `SD3TransformerConfig`.
+    dtype, param_dtype, remat, attention: as in `SD3TransformerConfig`.
   """
 
   patch_size: int = 1
@@ -82,10 +83,12 @@ class FluxTransformerConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
   # Read by the shared SD3 layers: FLUX always normalises queries and keys.
   qk_norm: str = "rms_norm"
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention)
     object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
@@ -183,6 +186,7 @@ class FluxAttention(nnx.Module):
   def __init__(self, cfg: FluxTransformerConfig, joint: bool, rngs: nnx.Rngs):
     dim = cfg.inner_dim
     self.heads, self.head_dim, self.joint = cfg.num_attention_heads, cfg.attention_head_dim, joint
+    self.attention = cfg.attention
     lin = lambda axes: sd3t._linear(cfg, dim, dim, axes, rngs)  # pylint: disable=protected-access
     self.to_q, self.to_k, self.to_v = (lin(("embed", "heads")) for _ in range(3))
     self.norm_q, self.norm_k = sd3t.RMSNorm(self.head_dim, cfg), sd3t.RMSNorm(self.head_dim, cfg)
@@ -209,7 +213,7 @@ class FluxAttention(nnx.Module):
                              self.norm_added_q, self.norm_added_k)
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention_lib.dot_product_attention(q, k, v, implementation=self.attention)
     out = out.reshape(out.shape[:2] + (-1,))
     if not self.joint:
       return out

@@ -40,6 +40,7 @@ class SD3Settings:
     dtype: compute dtype ("bfloat16" on accelerators).
     param_dtype: dtype weights are loaded in.
     remat: rematerialise transformer blocks in the backward pass.
+    attention: attention kernel ("auto", "xla", "cudnn", "splash"; models/attention.py).
   """
 
   path: str
@@ -49,6 +50,7 @@ class SD3Settings:
   dtype: str = "bfloat16"
   param_dtype: str = "bfloat16"
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
     weights.check_pipeline_dir(self.path, "StableDiffusion3Pipeline", self.resolution)
@@ -67,7 +69,8 @@ class SD3Model(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.transformer = sd3_transformer.SD3Transformer(
         sd3_transformer.SD3TransformerConfig.from_diffusers_config(
-            read("transformer"), remat=settings.remat, **kw), rngs=rngs)
+            read("transformer"), remat=settings.remat, attention=settings.attention,
+            **kw), rngs=rngs)
     # The VAE decodes in float32: bf16 convs over 512 px images cost visible banding.
     self.vae = sd3_vae.AutoencoderKL(sd3_vae.VAEConfig.from_diffusers_config(
         read("vae"), param_dtype=param_dtype), rngs=rngs)

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax.models import attention as attention_lib
 from mgrpo_jax.models import weights
 
 # Logical axes of activations: batch split over the data axes, heads / MLP over 'tensor', the
@@ -81,6 +82,8 @@ class SD3TransformerConfig:
     dtype: compute dtype of matmuls and activations; norms and softmax statistics stay float32.
     param_dtype: dtype parameters are created (and loaded) in.
     remat: rematerialise each block in the backward pass (nnx.remat) to save activation memory.
+    attention: attention kernel, one of `attention.IMPLEMENTATIONS` ("auto" picks cuDNN on
+      NVIDIA GPUs, splash on TPU, XLA elsewhere; see models/attention.py).
   """
 
   sample_size: int = 128
@@ -99,8 +102,10 @@ class SD3TransformerConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   def __post_init__(self):
+    attention_lib.check_implementation(self.attention)
     # Normalised so configs compare and hash by value (they are static jit arguments).
     object.__setattr__(self, "dual_attention_layers",
                        tuple(int(i) for i in self.dual_attention_layers))
@@ -137,7 +142,8 @@ class SD3TransformerConfig:
 
   @classmethod
   def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> SD3TransformerConfig:
-    """From a diffusers `transformer/config.json` dict; `overrides` set dtype/param_dtype/remat.
+    """From a diffusers `transformer/config.json` dict; `overrides` set dtype/param_dtype/remat/
+    attention.
 
     Keys starting with '_' (`_class_name`, `_diffusers_version`, `_name_or_path`) carry no
     architecture and are ignored, except that `_class_name`, when present, must be
@@ -293,6 +299,7 @@ class Attention(nnx.Module):
     self.head_dim = cfg.attention_head_dim
     self.joint = joint
     self.context_pre_only = context_pre_only
+    self.attention = cfg.attention
     self.to_q = _linear(cfg, dim, dim, ("embed", "heads"), rngs)
     self.to_k = _linear(cfg, dim, dim, ("embed", "heads"), rngs)
     self.to_v = _linear(cfg, dim, dim, ("embed", "heads"), rngs)
@@ -324,7 +331,8 @@ class Attention(nnx.Module):
       cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                              self.norm_added_q, self.norm_added_k)
       q, k, v = (jnp.concatenate(p, axis=1) for p in ((q, cq), (k, ck), (v, cv)))
-    out = jax.nn.dot_product_attention(q, k, v)  # [B, T, heads, head_dim], scale head_dim^-1/2
+    # [B, T, heads, head_dim], scale head_dim^-1/2
+    out = attention_lib.dot_product_attention(q, k, v, implementation=self.attention)
     out = out.reshape(out.shape[:2] + (-1,))
     image_out = self.to_out(out[:, :num_image])
     if not self.joint:

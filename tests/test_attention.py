@@ -1,0 +1,220 @@
+"""models/attention.py: every implementation that runs here against a numpy softmax attention,
+the dispatcher's choice per backend / dtype / shape / mask, and its fallbacks and errors."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax.models import attention
+from mgrpo_jax.models import flux_transformer, sd3_transformer, tiny_mmdit
+
+Platform = attention.Platform
+H100 = Platform("gpu", cuda=True, capability=(9, 0))
+A100 = Platform("gpu", cuda=True, capability=(8, 0))
+T4 = Platform("gpu", cuda=True, capability=(7, 5))
+ROCM = Platform("gpu", cuda=False)
+TPU = Platform("tpu")
+CPU = Platform("cpu")
+
+
+def numpy_attention(q, k, v, mask=None):
+  """float64 reference: softmax(q k^T / sqrt(d) masked) v, [B, T, N, H] layout."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(np.broadcast_to(mask, logits.shape), logits, -np.inf)
+  logits -= logits.max(-1, keepdims=True)
+  w = np.exp(logits)
+  w /= w.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", w, v)
+
+
+def _qkv(b=2, t=7, s=11, n=3, h=16, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  mk = lambda length: jnp.asarray(rng.standard_normal((b, length, n, h)), dtype)
+  return mk(t), mk(s), mk(s)
+
+
+# ---- numerics ---------------------------------------------------------------------------------
+def test_jax_xla_attention_matches_numpy():
+  """jax.nn.dot_product_attention(implementation='xla') is an independent check of the math."""
+  q, k, v = _qkv()
+  ref = numpy_attention(q, k, v)
+  out = jax.nn.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_dispatcher_matches_numpy_unmasked(impl):
+  q, k, v = _qkv(t=9, s=9)
+  out = attention.dot_product_attention(q, k, v, implementation=impl)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_dispatcher_matches_numpy_masked(impl):
+  q, k, v = _qkv(b=2, t=6, s=6)
+  causal = np.tril(np.ones((6, 6), bool))[None, None]                     # [1, 1, T, S]
+  padding = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], bool)[:, None, None, :]
+  for mask in (causal, causal & padding):
+    out = attention.dot_product_attention(q, k, v, mask=jnp.asarray(mask), implementation=impl)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v, mask), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_xla_path_is_the_previous_call_bit_for_bit():
+  """'xla' (and 'auto' on CPU) is exactly the call the models made before, in f32 and bf16."""
+  for dtype in (np.float32, jnp.bfloat16):
+    q, k, v = _qkv(t=13, s=13, h=32, dtype=dtype)
+    before = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v))(q, k, v)
+    for impl in ("xla", "auto"):
+      now = jax.jit(lambda q, k, v, i=impl: attention.dot_product_attention(
+          q, k, v, implementation=i))(q, k, v)
+      np.testing.assert_array_equal(np.asarray(now, np.float32), np.asarray(before, np.float32))
+
+
+def test_splash_kernel_in_interpret_mode_matches_numpy():
+  """The TPU splash path (padding to 128-token blocks as its own segment, head dim padded to
+  128 lanes, pre-scaled q) run through Pallas' interpreter on CPU."""
+  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  q, k, v = _qkv(b=1, t=150, s=150, n=2, h=64)
+  out = jax.jit(lambda q, k, v: attention.splash_attention(q, k, v, interpret=True))(q, k, v)
+  assert out.shape == q.shape
+  np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_splash_gradients_and_sharded_splash_match_xla():
+  """Backward through the interpreted splash kernel, and the shard_map path on a 4 x 2
+  (data, tensor) mesh of simulated CPU devices, against the XLA implementation."""
+  pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  q, k, v = _qkv(b=4, t=130, s=130, n=2, h=32)
+  loss = lambda fn: (lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))))
+  splash = lambda q, k, v: attention.splash_attention(q, k, v, interpret=True)
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)
+  g_splash = jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+  g_xla = jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_splash, g_xla):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+  mesh = sharding_lib.make_mesh({"data": 4, "fsdp": 1, "tensor": 2}, jax.devices()[:8])
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(splash)(q, k, v)
+  np.testing.assert_allclose(np.asarray(sharded), numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+# ---- the dispatcher's choice ------------------------------------------------------------------
+BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
+
+
+@pytest.mark.parametrize("platform,dtype,head_dim,kv,mask,expected", [
+    (H100, BF16, 64, 1357, False, "cudnn"),        # SD3.5-M: 24 heads x 64, 1024 + 333 tokens
+    (H100, F16, 128, 1536, False, "cudnn"),        # FLUX: 24 heads x 128
+    (H100, BF16, 256, 1024, False, "cudnn"),       # Hopper allows head_dim up to 256
+    (A100, BF16, 64, 1357, False, "cudnn"),
+    (A100, BF16, 256, 1024, False, "xla"),         # pre-Hopper limit 128
+    (H100, F32, 64, 1357, False, "xla"),           # cuDNN flash is half precision only
+    (H100, BF16, 12, 1357, False, "xla"),          # head_dim not a multiple of 8
+    (H100, BF16, 64, 77, True, "xla"),             # masked text-encoder attention
+    (T4, F16, 64, 1357, False, "xla"),             # no flash attention before Ampere
+    (ROCM, BF16, 64, 1357, False, "xla"),
+    (TPU, BF16, 64, 1357, False, "splash"),
+    (TPU, F32, 128, 4096, False, "splash"),
+    (TPU, BF16, 64, 77, False, "xla"),             # too short to pay for block padding
+    (TPU, BF16, 64, 1357, True, "xla"),
+    (CPU, BF16, 64, 1357, False, "xla"),
+])
+def test_auto_choice(platform, dtype, head_dim, kv, mask, expected):
+  if expected == "splash":
+    pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+  impl, reason = attention.select_implementation("auto", dtype, head_dim, kv, mask, platform)
+  assert impl == expected
+  assert (reason is None) == (expected != "xla")
+
+
+def test_auto_fallback_reasons_name_the_cause():
+  why = lambda *a: attention.select_implementation("auto", *a)[1]
+  assert "bfloat16/float16" in why(F32, 64, 1357, False, H100)
+  assert "float32" in why(F32, 64, 1357, False, H100)
+  assert "multiple of 8" in why(BF16, 12, 1357, False, H100)
+  assert "<= 128" in why(BF16, 256, 1024, False, A100)
+  assert "compute capability" in why(F16, 64, 1357, False, T4)
+  assert "mask" in why(BF16, 64, 77, True, H100)
+  assert "NVIDIA" in why(BF16, 64, 1357, False, ROCM)
+  assert "cpu" in why(BF16, 64, 1357, False, CPU)
+
+
+def test_explicit_choices_that_cannot_run_are_errors():
+  with pytest.raises(ValueError, match="attention='cudnn' cannot run: cuDNN needs an NVIDIA GPU"):
+    attention.select_implementation("cudnn", BF16, 64, 1357, False, CPU)
+  with pytest.raises(ValueError, match="cudnn.*float32"):
+    attention.select_implementation("cudnn", F32, 64, 1357, False, H100)
+  with pytest.raises(ValueError, match="attention='splash' cannot run: .*needs a TPU"):
+    attention.select_implementation("splash", BF16, 64, 1357, False, H100)
+  with pytest.raises(ValueError, match="'flash' is unknown"):
+    attention.select_implementation("flash", BF16, 64, 1357, False, CPU)
+  # Explicit choices that can run are kept as asked, short sequences included.
+  assert attention.select_implementation("cudnn", BF16, 64, 77, False, H100) == ("cudnn", None)
+  assert attention.select_implementation("xla", BF16, 64, 1357, False, H100) == ("xla", None)
+  if attention.splash_unsupported(TPU, 77, False, for_auto=False) is None:
+    assert attention.select_implementation("splash", BF16, 64, 77, False, TPU) == ("splash", None)
+
+
+def test_explicit_cudnn_on_this_cpu_fails_at_trace_time():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU behaviour")
+  q, k, v = _qkv(dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="NVIDIA GPU"):
+    attention.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def test_fallback_is_logged_once(monkeypatch, caplog):
+  monkeypatch.setattr(attention, "_logged", set())
+  q, k, v = _qkv()
+  with caplog.at_level(logging.INFO, logger=attention.__name__):
+    for _ in range(3):
+      attention.dot_product_attention(q, k, v, implementation="auto")
+    attention.dot_product_attention(q, k, v, implementation="xla")  # asked for: nothing to log
+  records = [r for r in caplog.records if r.name == attention.__name__]
+  assert len(records) == 1
+  assert "attention='auto' uses 'xla'" in records[0].getMessage()
+
+
+# ---- wiring into the models --------------------------------------------------------------------
+def test_configs_validate_and_default_to_auto():
+  assert sd3_transformer.SD3TransformerConfig().attention == "auto"
+  assert flux_transformer.FluxTransformerConfig().attention == "auto"
+  # The tiny generator builds its transformer config without naming it: the default reaches it.
+  assert tiny_mmdit.TinyConfig().transformer_config().attention == "auto"
+  with pytest.raises(ValueError, match="'flash' is unknown"):
+    sd3_transformer.SD3TransformerConfig(attention="flash")
+  with pytest.raises(ValueError, match="'flash' is unknown"):
+    flux_transformer.FluxTransformerConfig(attention="flash")
+
+
+def test_config_reaches_every_attention_module():
+  """The config's choice is what each attention layer calls with (abstract build, no compile);
+  that 'auto' and 'xla' compute the same thing on CPU is checked bit for bit above."""
+  sd3 = sd3_transformer.SD3TransformerConfig(
+      sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+      pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8, dual_attention_layers=(0,),
+      qk_norm="rms_norm", attention="xla")
+  model = nnx.eval_shape(lambda: sd3_transformer.SD3Transformer(sd3, rngs=nnx.Rngs(0)))
+  layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, sd3_transformer.Attention)]
+  assert len(layers) == 3 and all(m.attention == "xla" for m in layers)  # 2 joint + 1 dual
+
+  flux = flux_transformer.FluxTransformerConfig(
+      in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+      num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+      axes_dims_rope=(2, 2, 4), attention="cudnn")
+  model = nnx.eval_shape(lambda: flux_transformer.FluxTransformer(flux, rngs=nnx.Rngs(0)))
+  layers = [m for _, m in nnx.iter_modules(model)
+            if isinstance(m, flux_transformer.FluxAttention)]
+  assert len(layers) == 2 and all(m.attention == "cudnn" for m in layers)
