@@ -123,7 +123,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, max_to_keep: int | None = 3, save_interval_steps: int = 1,
-               async_save: bool = True):
+               async_save: bool = True, read_only: bool = False):
     """Opens (creating if needed) `<workdir>/checkpoints`.
 
     Args:
@@ -133,6 +133,9 @@ class Checkpointer:
       async_save: if True, `save` returns once arrays are copied to host memory and writes the
         files in a background thread (so the caller may donate or delete the arrays); call
         `wait()` before relying on the files.
+      read_only: for readers next to a running job (sampling, evaluation): creates nothing and
+        leaves `<step>.orbax-checkpoint-tmp` directories alone (they may be a save in flight);
+        `save` is refused.
     """
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep={max_to_keep}: must be >= 1 (or None to keep all)")
@@ -147,10 +150,12 @@ class Checkpointer:
         ]),
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
         enable_async_checkpointing=async_save,
-        # Removes `<step>.orbax-checkpoint-tmp` left behind by a killed save.
-        cleanup_tmp_directories=True,
-        create=True,
+        # Removes `<step>.orbax-checkpoint-tmp` left behind by a killed save; only the workdir's
+        # one writer may (for a reader it could be a save in flight).
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
     )
+    self.read_only = read_only
     # Explicit handlers let `item_metadata` read a step written by an earlier process.
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_STATE, _DATA, _META),
@@ -219,6 +224,8 @@ class Checkpointer:
       already saved (an existing checkpoint is never overwritten, even with `force`).
     """
     step = int(step)
+    if self.read_only:
+      raise RuntimeError(f"Checkpointer.save: {self.directory} was opened read-only")
     if step in self._manager.all_steps():
       logging.warning("checkpoint step %d already exists in %s; not overwriting it", step,
                       self.directory)
@@ -337,6 +344,19 @@ class Checkpointer:
     self.close()
 
 
+def committed_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps of a workdir, ascending, read from directory names only.
+
+  Orbax writes a step under a temporary name and renames it when complete, so only finished
+  checkpoints have all-digit names. Creates nothing; [] when there is no `checkpoints/`.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
 def load_numpy(workdir: str, step: int | None = None) -> tuple[int, PyTree]:
   """Reads a saved training state as numpy arrays on the host, without a mesh or a model.
 
@@ -354,10 +374,7 @@ def load_numpy(workdir: str, step: int | None = None) -> tuple[int, PyTree]:
     FileNotFoundError: no checkpoint (or not that step) in `workdir`.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  # Orbax writes a step under a temporary name and renames it when complete, so only finished
-  # checkpoints have all-digit names.
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) \
-      if os.path.isdir(directory) else []
+  steps = committed_steps(workdir)
   if not steps or (step is not None and int(step) not in steps):
     raise FileNotFoundError(f"no committed checkpoint {'' if step is None else step} in "
                             f"{directory} (found steps {steps})")

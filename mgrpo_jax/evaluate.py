@@ -1,7 +1,8 @@
 r"""Evaluation of a run the way the paper reports it: `mgrpo-eval --config C --checkpoint W`.
 
-W is the run's workdir (its latest checkpoint, or `--step N`); without checkpoints the initial
-model is evaluated (the base model: a baseline row).
+W is the run's workdir (its latest checkpoint, or `--step N`). A workdir without a checkpoint is
+refused (a mistyped path must not evaluate an untrained model as "iteration 0"); `--init`
+evaluates the initial model instead (the base model: a baseline row).
 
 Renders the prompts of the evaluation split with the deterministic sampler (ODE,
 `sample.eval_num_steps` steps, the config's CFG), the noise of prompt i fixed by (seed, i), and
@@ -22,7 +23,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -111,17 +111,29 @@ def evaluate(trainer, records, out_dir: str, seed: int = 0, batch_size: int = 16
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax import cli  # pylint: disable=import-outside-toplevel
   from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
-    raise SystemExit(f"mgrpo-eval: unexpected arguments {argv[1:]}")
+    cli.fail("mgrpo-eval", f"unexpected arguments {argv[1:]}", cli.EXIT_USAGE)
   FLAGS = flags.FLAGS
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore phase at INFO
+  workdir = FLAGS.checkpoint or FLAGS.workdir
+  if not workdir:
+    cli.fail("mgrpo-eval", "give --checkpoint (the run's workdir)", cli.EXIT_USAGE)
+  steps = ckpt_lib.committed_steps(workdir)
+  if not steps and not FLAGS.init:
+    cli.fail("mgrpo-eval", f"{workdir} holds no checkpoint (nothing in {workdir}/checkpoints); "
+             "check the path, or pass --init to evaluate the untrained model")
+  if steps and FLAGS.init:
+    cli.fail("mgrpo-eval", f"--init evaluates the untrained model, but {workdir} holds "
+             f"checkpoints {steps}; drop --init (or use --step) to evaluate them",
+             cli.EXIT_USAGE)
   config = FLAGS.config
   if FLAGS.split:
     config.data.split = FLAGS.split
-  workdir = FLAGS.checkpoint or FLAGS.workdir
-  if not workdir:
-    raise SystemExit("mgrpo-eval: give --checkpoint (the run's workdir)")
   trainer = trainer_lib.Trainer(config, workdir, inference=True,
                                 step=FLAGS.step if FLAGS.step >= 0 else None)
   try:
@@ -137,11 +149,14 @@ def main(argv):
 
 
 def run():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax import cli  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "The run's config file.", lock_config=True)
   flags.DEFINE_string("checkpoint", None, "The run's workdir (its latest checkpoint is "
-                      "evaluated, or --step; without checkpoints, the initial model).")
+                      "evaluated, or --step). One without checkpoints is refused unless --init.")
+  flags.DEFINE_bool("init", False, "Evaluate the untrained model (a workdir with no checkpoint: "
+                    "the baseline row).")
   flags.DEFINE_string("workdir", None, "Alias of --checkpoint.")
   flags.DEFINE_integer("step", -1, "Iteration of the checkpoint to evaluate (-1: latest).")
   flags.DEFINE_string("split", "test", "Dataset split to evaluate.")
@@ -150,7 +165,7 @@ def run():
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_string("out", None, "Output directory (default WORKDIR/eval_<iteration>).")
   flags.mark_flags_as_required(["config"])
-  app.run(main, argv=sys.argv)
+  cli.run(main, "mgrpo-eval")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,15 @@ Files written under a run's workdir (primary process only):
 
 metrics.jsonl is strict JSON (RFC 8259 has no NaN/Infinity): non-finite values are written as
 null, while TensorBoard receives the actual value. `read_metrics` therefore yields None for them.
+
+After a resume, `MetricWriter.drop_after(restored_step)` removes what the crashed run logged past
+its last checkpoint, so both logs hold exactly one record per completed iteration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import json
 import logging
@@ -103,6 +107,59 @@ class MetricWriter:
     grid.save(path)
     self._tb.add_image(name, np.asarray(grid), int(step), dataformats="HWC")
     return path
+
+  def drop_after(self, step: int) -> int:
+    """Forgets everything logged for steps after `step` (the checkpoint a run resumes from).
+
+    metrics.jsonl is rewritten to keep only records with step <= `step` (lines cut by a crash
+    go too) through a temporary file renamed over it, so a crash here leaves either the old or
+    the new file. TensorBoard is reopened with `purge_step=step + 1`: its START event makes
+    TensorBoard discard the earlier events of those steps. Image grids of later steps are
+    deleted (the rerun writes them again).
+
+    Args:
+      step: the restored iteration (0: nothing restored, everything goes).
+
+    Returns:
+      The number of metrics records dropped (0 on a disabled writer).
+    """
+    if not self.enabled:
+      return 0
+    step = int(step)
+    self._file.close()
+    kept, dropped = [], 0
+    with open(self.metrics_path, encoding="utf-8") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+          dropped += 1  # a line cut by a crash
+          continue
+        if record_step <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+        else:
+          dropped += 1
+    if dropped:
+      tmp = self.metrics_path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.metrics_path)
+      logging.warning("%s: dropped %d record(s) logged after iteration %d, the checkpoint this "
+                      "run resumes from", self.metrics_path, dropped, step)
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb.close()
+      self._tb = SummaryWriter(os.path.join(self.workdir, "tb"), purge_step=step + 1)
+    if os.path.isdir(self.image_dir):
+      for name in os.listdir(self.image_dir):
+        stem, _, number = os.path.splitext(name)[0].rpartition("_")
+        if stem and number.isdigit() and int(number) > step and name.endswith(".png"):
+          os.remove(os.path.join(self.image_dir, name))
+    self._file = open(self.metrics_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    return dropped
 
   def flush(self) -> None:
     if self.enabled:
@@ -322,11 +379,50 @@ def plot_curves(metrics_path: str, out_png: str, keys: Sequence[str] | None = No
 
 
 # ---- progress and timing -------------------------------------------------------------------
-class ProgressBar:
-  """tqdm bar over training iterations showing selected metrics as its postfix.
+# Phases of an iteration in the order the log line lists them (trainer's Timer names).
+_PHASES = ("sample", "reward_wait", "advantages", "train")
 
-  Draws nothing unless enabled and stderr is a terminal, so logs of batch jobs and of
-  non-primary processes stay clean.
+
+def _short(value: float) -> str:
+  return f"{value:.3g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
+
+
+def iteration_line(done: int, total: int, metrics: Mapping[str, float],
+                   seconds_per_iteration: float | None, desc: str = "train") -> str:
+  """One log line for an iteration, for logs without a terminal (nohup, SLURM, Kubernetes).
+
+  Example: `train 3/40 | jpeg_compressibility=-4.41 | kl=1.2e-05 | sample 1.20s reward_wait 0.31s
+  advantages 0.01s train 0.80s | 2.45 s/it, ETA 0:01:30`.
+
+  Args:
+    done: iterations completed; total: iterations of the run.
+    metrics: the iteration's metrics: `reward/<name>` (their `_std` is left out), `train/kl`,
+      `time/<phase>`; missing ones are left out.
+    seconds_per_iteration: for the ETA (None: no ETA).
+  """
+  parts = [f"{desc} {done}/{total}"]
+  rewards = [f"{k[len('reward/'):]}={_short(float(v))}" for k, v in metrics.items()
+             if k.startswith("reward/") and not k.endswith("_std") and v is not None]
+  if rewards:
+    parts.append(" ".join(rewards))
+  if metrics.get("train/kl") is not None:
+    parts.append(f"kl={_short(float(metrics['train/kl']))}")
+  phases = [f"{p} {float(metrics[f'time/{p}']):.2f}s" for p in _PHASES
+            if metrics.get(f"time/{p}") is not None]
+  if phases:
+    parts.append(" ".join(phases))
+  if seconds_per_iteration is not None:
+    eta = datetime.timedelta(seconds=round(seconds_per_iteration * max(total - done, 0)))
+    parts.append(f"{seconds_per_iteration:.2f} s/it, ETA {eta}")
+  return " | ".join(parts)
+
+
+class ProgressBar:
+  """Progress of the training iterations: a tqdm bar on a terminal, one line each otherwise.
+
+  On a terminal the bar shows the rewards as its postfix. Without one (nohup, batch schedulers)
+  every `update` prints `iteration_line` instead, so a cluster log shows steps, rewards, KL,
+  seconds per phase and an ETA. Disabled (non-primary processes, `log.progress=False`): silent.
   """
 
   def __init__(self, total: int, initial: int = 0, enabled: bool | None = None,
@@ -345,16 +441,43 @@ class ProgressBar:
       import jax  # pylint: disable=g-import-not-at-top
       enabled = jax.process_index() == 0
     isatty = getattr(file, "isatty", None)
-    self.enabled = bool(enabled and isatty is not None and isatty())
+    terminal = isatty is not None and isatty()
+    # `enabled`: a bar is drawn; `lines`: a line per iteration is printed instead.
+    self.enabled = bool(enabled and terminal)
+    self.lines = bool(enabled and not terminal)
+    self.total, self.done, self.desc, self._file = total, initial, desc, file
+    self._last = time.perf_counter()
+    self._durations: list[float] = []
     self._bar = tqdm.tqdm(total=total, initial=initial, desc=desc, file=file,
                           disable=not self.enabled, dynamic_ncols=True)
 
+  def seconds_per_iteration(self) -> float | None:
+    """Median wall time of the iterations since the first (which includes compilation)."""
+    if not self._durations:
+      return None
+    recent = self._durations[1:] or self._durations
+    return float(np.median(recent))
+
   def update(self, n: int = 1, metrics: Mapping[str, float] | None = None) -> None:
-    """Advances by `n` iterations and shows `metrics` (name -> float) after the bar."""
+    """Advances by `n` iterations; shows `metrics` (name -> float) after the bar or in the line.
+
+    The bar's postfix holds the rewards (without `_std`); the line everything of
+    `iteration_line`.
+    """
+    now = time.perf_counter()
+    self._durations.extend([(now - self._last) / n] * n if n > 0 else [])
+    self._last = now
+    self.done += n
+    metrics = dict(metrics or {})
+    if self.lines:
+      print(iteration_line(self.done, self.total, metrics, self.seconds_per_iteration(),
+                           self.desc), file=self._file, flush=True)
     if not self.enabled:
       return
-    if metrics:
-      self._bar.set_postfix({k: float(v) for k, v in metrics.items()}, refresh=False)
+    shown = {k: float(v) for k, v in metrics.items()
+             if k.startswith("reward/") and not k.endswith("_std") and v is not None}
+    if shown:
+      self._bar.set_postfix(shown, refresh=False)
     self._bar.update(n)
 
   def close(self) -> None:

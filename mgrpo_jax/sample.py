@@ -1,6 +1,7 @@
 r"""Renders images from a training run: `mgrpo-sample --config C --workdir W --prompt "..."`.
 
-Loads the run's latest checkpoint from W (the same config it was trained with), samples each
+Loads the run's latest checkpoint from W (the same config it was trained with; a workdir
+without a checkpoint is refused unless `--init` asks for the untrained model), samples each
 prompt with the deterministic ODE sampler (`sample.eval_num_steps` steps, the config's CFG scale)
 and writes one PNG per image plus a captioned grid to --out (default W/samples). Prompts come from
 repeated --prompt flags and/or --prompts_file (one per line); with neither, the dataset's first
@@ -10,10 +11,11 @@ repeated --prompt flags and/or --prompts_file (one per line); with neither, the 
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mgrpo_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.",
                                           lock_config=True)
@@ -23,6 +25,8 @@ _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "File with one prompt 
 _OUT = flags.DEFINE_string("out", None, "Output directory (default WORKDIR/samples).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _IMAGES_PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt.")
+_INIT = flags.DEFINE_bool("init", False, "Sample the untrained model (a workdir with no "
+                          "checkpoint).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,11 +38,20 @@ def main(argv):
   from mgrpo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
+  from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every restore phase at INFO
+
   workdir = _WORKDIR.value
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    sys.exit(f"mgrpo-sample: {workdir} has no checkpoints/ directory (train first, or check the "
-             "--workdir path)")
+  steps = ckpt_lib.committed_steps(workdir)
+  if not steps and not _INIT.value:
+    cli.fail("mgrpo-sample", f"{workdir} holds no checkpoint (nothing in {workdir}/checkpoints); "
+             "train first, check the --workdir path, or pass --init to sample the untrained "
+             "model")
+  if steps and _INIT.value:
+    cli.fail("mgrpo-sample", f"--init samples the untrained model, but {workdir} holds "
+             f"checkpoints {steps}; drop --init to sample them", cli.EXIT_USAGE)
+  config = _CONFIG.value
   prompts = list(_PROMPTS.value)
   if _PROMPTS_FILE.value:
     prompts += [r.prompt for r in prompts_lib.load_prompt_lines(_PROMPTS_FILE.value)]
@@ -60,7 +73,7 @@ def main(argv):
 
 
 def run():
-  app.run(main, argv=sys.argv)
+  cli.run(main, "mgrpo-sample")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mgrpo_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py), optionally with ':variant'.",
     lock_config=True)
@@ -39,8 +41,18 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from mgrpo_jax import trainer  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from mgrpo_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   logging.info("config:\n%s", _CONFIG.value)
   print(f"mgrpo-train: workdir {_WORKDIR.value}", flush=True)
+  total = _CONFIG.value.train.num_iterations
+  finished = workdir_lib.finished_iteration(_WORKDIR.value, total)
+  if finished is not None:
+    print(f"mgrpo-train: the run in {_WORKDIR.value} is finished (checkpoint of iteration "
+          f"{finished}, train.num_iterations={total}); nothing to do. Raise "
+          "--config.train.num_iterations to continue it.", flush=True)
+    return
+  # One run per workdir: a second one stops here, before building anything, naming the holder.
+  workdir_lib.hold_for_process(_WORKDIR.value)
   try:
     metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except trainer.Preempted as e:
@@ -52,8 +64,8 @@ def main(argv):
 
 
 def run():
-  """Console-script entry point."""
-  app.run(main, argv=sys.argv)
+  """Console-script entry point: errors are one line on stderr (`--debug`: the traceback)."""
+  cli.run(main, "mgrpo-train")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 
 Files are read from where the user keeps them: a path, or a dataset name resolved in
 `$MGRPO_DATASETS` (default `../shared/datasets` next to the repository). A malformed row is a
-`PromptFileError` whose message starts with `file:line:`.
+`PromptFileError` whose message starts with `file:line:`. What the rewards need is checked here,
+before any sampling: an OCR-Color-10 colour must be one of the ten the colour reward knows, its
+text must have a letter or digit to read, and `load_prompts(..., reward_names=...)` refuses a
+file that lacks what a configured reward reads (a colour, a quoted text).
 """
 
 from __future__ import annotations
@@ -74,9 +77,11 @@ def load_ocr_color_csv(path: str) -> list[PromptRecord]:
   Raises:
     FileNotFoundError: no such file.
     PromptFileError: a missing, unknown or repeated column, a row with the wrong number of
-      fields, an empty prompt, text or colour, malformed quoting, invalid UTF-8, or no rows; the
-      message starts with `path:line:` (the first line of the offending row).
+      fields, an empty prompt, text or colour, a colour outside the ten of OCR-Color-10, a text
+      without a letter or digit, malformed quoting, invalid UTF-8, or no rows; the message
+      starts with `path:line:` (the first line of the offending row).
   """
+  from mgrpo_jax.rewards import ocr, text_color  # pylint: disable=import-outside-toplevel
   # strict: a stray or unclosed quote is an error rather than text silently merged into a field.
   reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
   expected = ",".join(OCR_COLOR_COLUMNS)
@@ -111,6 +116,12 @@ def load_ocr_color_csv(path: str) -> list[PromptRecord]:
       for name in ("prompt", "text", "color"):
         if not fields[name]:
           raise PromptFileError(f"{path}:{line}: empty '{name}' field")
+      if fields["color"].lower() not in text_color.SHADES:
+        raise PromptFileError(f"{path}:{line}: colour {fields['color']!r} is not one of the ten "
+                              f"OCR-Color-10 colours {', '.join(text_color.SHADES)}")
+      if not ocr.normalize(fields["text"]):
+        raise PromptFileError(f"{path}:{line}: text {fields['text']!r} has no letter or digit "
+                              "for the OCR reward to read")
       records.append(PromptRecord(fields["prompt"], {
           "text": fields["text"], "color": fields["color"].lower(),
           "source": fields["source"], "line_id": fields["line_id"]}))
@@ -150,20 +161,57 @@ def load_prompt_lines(path: str) -> list[PromptRecord]:
   return records
 
 
-def load_prompts(path: str) -> list[PromptRecord]:
+def check_for_rewards(records: list[PromptRecord], reward_names, path: str) -> None:
+  """Refuses records that lack what a configured reward reads, before anything is sampled.
+
+  `text_color` needs every record's colour (OCR-Color-10 CSVs have it); `ocr` needs the text to
+  render: the record's 'text', or a double-quoted span with a letter or digit in the prompt.
+
+  Raises:
+    PromptFileError: naming the file, the line (for text files) and the reward.
+  """
+  from mgrpo_jax.rewards import ocr, text_color  # pylint: disable=import-outside-toplevel
+  names = set(reward_names)
+  for record in records:
+    where = f"{path}:{record.metadata['line']}" if "line" in record.metadata else path
+    if "text_color" in names:
+      color = record.metadata.get("color")
+      if color is None:
+        raise PromptFileError(
+            f"{where}: the text_color reward needs a colour for every prompt, which only "
+            f"OCR-Color-10 CSV files ({','.join(OCR_COLOR_COLUMNS)}) give; prompt "
+            f"{record.prompt!r}")
+      try:
+        text_color.check_color(color)
+      except ValueError as e:
+        raise PromptFileError(f"{where}: {e}") from None
+    if "ocr" in names:
+      try:
+        ocr.normalized_target(record.prompt, record.metadata)
+      except ValueError as e:
+        raise PromptFileError(f"{where}: the ocr reward cannot score this prompt: {e}") from None
+
+
+def load_prompts(path: str, reward_names=()) -> list[PromptRecord]:
   """Reads a prompt file by extension: .csv (OCR-Color-10) or .txt (one prompt per line).
+
+  Args:
+    path: the prompt file.
+    reward_names: the run's rewards; every record must carry what they read
+      (`check_for_rewards`).
 
   Raises:
     FileNotFoundError: no such file.
-    PromptFileError: an unknown extension, or a malformed file (see the two loaders).
+    PromptFileError: an unknown extension, a malformed file (see the two loaders), or records
+      without what a reward needs.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f"prompt file {path} does not exist")
   ext = os.path.splitext(path)[1].lower()
-  if ext == ".csv":
-    return load_ocr_color_csv(path)
-  if ext == ".txt":
-    return load_prompt_lines(path)
+  if ext in (".csv", ".txt"):
+    records = load_ocr_color_csv(path) if ext == ".csv" else load_prompt_lines(path)
+    check_for_rewards(records, reward_names, path)
+    return records
   raise PromptFileError(f"{path}: unknown prompt file type {ext or '(no extension)'!r}; expected "
                         f".csv (OCR-Color-10: {','.join(OCR_COLOR_COLUMNS)}) or .txt (one prompt "
                         "per line)")

@@ -113,6 +113,8 @@ class FluxTokenizer:
   """CLIP and T5 tokenizers of the directory, padded and truncated as FluxPipeline does."""
 
   def __init__(self, settings: FluxSettings):
+    # Only tokenizers are used: no "PyTorch was not found" advice when torch is absent.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     load = lambda name: AutoTokenizer.from_pretrained(_component(settings, name),
                                                       local_files_only=True)

@@ -105,6 +105,8 @@ class SD3Tokenizer:
   """The three tokenizers of the directory, padded and truncated as SD3's pipeline does."""
 
   def __init__(self, settings: SD3Settings):
+    # Only tokenizers are used: no "PyTorch was not found" advice when torch is absent.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     load = lambda name: AutoTokenizer.from_pretrained(_component(settings, name),
                                                       local_files_only=True)

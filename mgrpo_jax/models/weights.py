@@ -1,9 +1,11 @@
 """Reading diffusers / Hugging Face safetensors checkpoints into sharded NNX states, without torch.
 
 A checkpoint directory holds either one `*.safetensors` file or shards listed by a
-`*.safetensors.index.json` (`{"weight_map": {name: file}}`). Files are memory-mapped and parsed
-here directly (an 8-byte header length, a JSON header of dtype/shape/offsets, raw little-endian
-data), so bfloat16 works with numpy (via ml_dtypes) and nothing is unpickled. Each tensor is
+`*.safetensors.index.json` (`{"weight_map": {name: file}}`). Files are validated (header length,
+JSON, dtypes, shapes against offsets, offsets against the file size and each other; errors name
+file and tensor; then the `safetensors` package's reader) and memory-mapped (an 8-byte header
+length, a JSON header of dtype/shape/offsets, raw little-endian data), so bfloat16 works with
+numpy (via ml_dtypes) and nothing is unpickled. Each tensor is
 placed with `jax.make_array_from_callback`, which copies to every device only the slice it
 owns: the host never holds more than one tensor's pages, and a device never the full weights.
 """
@@ -30,35 +32,104 @@ class CheckpointError(ValueError):
   """A checkpoint that does not fit the model: names and shapes are in the message."""
 
 
+# The safetensors format caps the JSON header at 100 MB (the reference reader refuses more).
+_MAX_HEADER_BYTES = 100_000_000
+
+
 class SafetensorsFile:
-  """One memory-mapped .safetensors file."""
+  """One memory-mapped .safetensors file, validated before anything is mapped.
+
+  The header is checked here (its length against the file size, its JSON, every tensor's dtype,
+  shape, and data offsets against its byte size, the file size and the other tensors) so that
+  each error names the file and the tensor; the `safetensors` package's reader then checks the
+  file as a whole. Tensors are read as numpy views of a memory map, so a transform (a transpose)
+  and the per-device slicing of `place` touch only the pages each device needs.
+  """
 
   def __init__(self, path: str):
     self.path = path
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
-        raise CheckpointError(f"{path} is not a safetensors file (shorter than its header)")
+        raise CheckpointError(f"{path} is not a safetensors file: {size} bytes, shorter than "
+                              "the 8-byte header length")
       (header_len,) = struct.unpack("<Q", raw)
+      if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file: its header length field says "
+            f"{header_len} bytes but the file has {size - 8} after it (a corrupt or truncated "
+            "file, or not safetensors)")
       try:
-        self.header = json.loads(f.read(header_len))
-      except ValueError as e:
-        raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
-    self.header.pop("__metadata__", None)
+        header = json.loads(f.read(header_len))
+      except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} has a corrupt safetensors header (not JSON: {e})") from e
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, "
+                            "expected an object of tensors")
+    header.pop("__metadata__", None)
     self._data_start = 8 + header_len
+    self.header = header
+    self._validate(size - self._data_start)
+    self._check_with_reference_reader()
     self._mmap = None
+
+  def _validate(self, data_size: int) -> None:
+    """Per-tensor checks of the header, each error naming the file and the tensor."""
+    spans = []
+    for name, entry in self.header.items():
+      where = f"{self.path}: tensor {name}"
+      if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{where}: header entry {entry!r} lacks dtype, shape or "
+                              "data_offsets")
+      if entry["dtype"] not in _DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {entry['dtype']!r} (supported: "
+                              f"{sorted(_DTYPES)})")
+      shape, offsets = entry["shape"], entry["data_offsets"]
+      if not isinstance(shape, list) or not all(
+          isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+      if (not isinstance(offsets, list) or len(offsets) != 2 or not all(
+          isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+          or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+      begin, end = offsets
+      nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+      if end - begin != nbytes:
+        raise CheckpointError(
+            f"{where}: {entry['dtype']}{shape} needs {nbytes} bytes but data_offsets "
+            f"[{begin}, {end}) hold {end - begin}")
+      if end > data_size:
+        raise CheckpointError(
+            f"{where}: its bytes [{begin}, {end}) lie past the end of the data section "
+            f"({data_size} bytes); the file is truncated or corrupt")
+      spans.append((begin, end, name))
+    spans.sort()
+    for (_, end_a, a), (begin_b, end_b, b) in zip(spans, spans[1:]):
+      if begin_b < end_a and begin_b < end_b:
+        raise CheckpointError(f"{self.path}: tensors {a} and {b} overlap (bytes from {begin_b} "
+                              f"to {min(end_a, end_b)})")
+
+  def _check_with_reference_reader(self) -> None:
+    """The `safetensors` package's own validation (offsets cover the data exactly, etc.)."""
+    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+    try:
+      with safe_open(self.path, framework="numpy"):
+        pass
+    except Exception as e:  # SafetensorError derives from Exception only
+      raise CheckpointError(f"{self.path} is not a valid safetensors file: {e}") from e
 
   def keys(self) -> list[str]:
     return list(self.header)
 
   def info(self, name: str) -> tuple[tuple[int, ...], np.dtype]:
     entry = self.header[name]
-    if entry["dtype"] not in _DTYPES:
-      raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
     return tuple(entry["shape"]), np.dtype(_DTYPES[entry["dtype"]])
 
   def get(self, name: str) -> np.ndarray:
     """The tensor as a read-only numpy view of the mapped file."""
+    if name not in self.header:
+      raise CheckpointError(f"{self.path}: no tensor {name}")
     if self._mmap is None:
       self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
     shape, dtype = self.info(name)
@@ -78,14 +149,24 @@ class Checkpoint:
     self.files: dict[str, SafetensorsFile] = {}
     self.location: dict[str, str] = {}
     if index:
-      with open(os.path.join(directory, index[0])) as f:
-        weight_map = json.load(f)["weight_map"]
+      index_path = os.path.join(directory, index[0])
+      try:
+        with open(index_path, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict):
+          raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+      except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index_path} is not a safetensors index ({{\"weight_map\": "
+                              f"{{tensor: file}}}} expected): {e!r}") from e
       for tensor, file in weight_map.items():
         if file not in self.files:
           path = os.path.join(directory, file)
           if not os.path.exists(path):
             raise FileNotFoundError(f"{index[0]} lists shard {file}, missing from {directory}")
           self.files[file] = SafetensorsFile(path)
+        if tensor not in self.files[file].header:
+          raise CheckpointError(f"{index_path} places tensor {tensor} in {file}, which does not "
+                                "hold it")
         self.location[tensor] = file
     else:
       shards = [n for n in names if n.endswith(".safetensors")]

@@ -85,6 +85,8 @@ class DeviceReward:
                      weights.linear_kernel if p.endswith("kernel") else None),
           component="aesthetic head", mesh=mesh)
     self.params = state
+    # Only tokenizers are used: no "PyTorch was not found" advice when torch is absent.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
     self._tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     self.text_length = config.text.max_position_embeddings
