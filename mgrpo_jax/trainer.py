@@ -29,6 +29,7 @@ from flax import nnx
 from mgrpo_jax import advantages as adv_lib
 from mgrpo_jax import losses
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import workdir as workdir_lib
 from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule, steps as steps_lib
 from mgrpo_jax.sampling.tree import TreeSpec, make_tree_spec
@@ -405,7 +406,7 @@ class Trainer:
       path = dataset
     else:
       path = prompts_lib.dataset_path(dataset, config.data.split)
-    self.records = prompts_lib.load_prompts(path)
+    self.records = prompts_lib.load_prompts(path, reward_names=tuple(config.reward.names))
     self.loader = loader_lib.PromptLoader(
         self.records, batch_size=P // jax.process_count(), seed=config.seed,
         shuffle=config.data.shuffle, shard_index=jax.process_index(),
@@ -469,14 +470,26 @@ class Trainer:
     self.rewards = rewards_lib.HostRewards(host, max_workers=config.reward.num_workers) \
         if host else None
     self._reward_error = rewards_lib.RewardError
-    self.checkpointer = ckpt_lib.Checkpointer(workdir, max_to_keep=config.log.keep_checkpoints)
-    self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
-    self.metrics_lib = metrics_lib
-    self.start_iteration = 0
-    self._maybe_restore(step)
-    if self.is_primary and not inference:
-      with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    # One writer per workdir, locked before anything below touches it (orbax deletes unfinished
+    # saves when it opens the directory; the writer appends to metrics.jsonl).
+    self._lock = None if inference else workdir_lib.lock_for_run(workdir)
+    try:
+      self.checkpointer = ckpt_lib.Checkpointer(
+          workdir, max_to_keep=config.log.keep_checkpoints, read_only=inference)
+      self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
+      self.metrics_lib = metrics_lib
+      self.start_iteration = 0
+      self._maybe_restore(step)
+      # The logs keep exactly the iterations of the restored state: what a killed run logged
+      # after its last checkpoint goes, and is logged again when those iterations rerun.
+      self.writer.drop_after(self.start_iteration)
+      if self.is_primary and not inference:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+          f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    except BaseException:
+      if self._lock is not None:
+        self._lock.release()
+      raise
 
   @staticmethod
   def _advantages(rewards, prompt_index, stats, *, spec, cfg):
@@ -511,7 +524,9 @@ class Trainer:
     if step is None:
       return
     if not self.inference:
-      self.checkpointer.check_metadata({"config_hash": config_hash(self.config)})
+      # Resuming (or extending) may change only the fields of workdir_lib.RESUMABLE_FIELDS.
+      workdir_lib.check_resume(self.checkpointer.read_metadata(step), self.config,
+                               config_hash(self.config), step, self.workdir)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         self._checkpoint_state())
@@ -520,11 +535,14 @@ class Trainer:
     self.state = restored
     self.loader.set_state(data_state)
     self.start_iteration = int(step)
-    logging.warning("resuming from the checkpoint of iteration %d in %s", step, self.workdir)
+    if not self.inference:
+      logging.warning("resuming from the checkpoint of iteration %d in %s", step, self.workdir)
 
   def save(self, iteration: int, force: bool = False):
     self.checkpointer.save(iteration, self._checkpoint_state(), self.loader.get_state(),
-                           metadata={"config_hash": config_hash(self.config)}, force=force)
+                           metadata={"config_hash": config_hash(self.config),
+                                     "config": workdir_lib.config_record(self.config)},
+                           force=force)
 
   # -- one iteration -------------------------------------------------------------------------------
   def _tokens(self, prompts):
@@ -751,8 +769,7 @@ class Trainer:
       metrics["time/iteration"] = time.perf_counter() - t0
       done = iteration + 1
       self.writer.write_scalars(done, metrics)
-      bar.update(1, {k: metrics[k] for k in metrics if k.startswith("reward/")
-                     and not k.endswith("_std")})
+      bar.update(1, metrics)  # a bar on a terminal, else one line (rewards, KL, phases, ETA)
       if done % cfg.log.eval_every == 0 or done == total:
         self.evaluate(done)
       if self._preemption_requested():
@@ -774,6 +791,8 @@ class Trainer:
       self.rewards.close()
     self.checkpointer.close()
     self.writer.close()
+    if self._lock is not None:
+      self._lock.release()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
