@@ -28,7 +28,7 @@ setuptools.setup(
     extras_require={
         "test": ["pytest>=8", "chex>=0.1.88", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # PyTorch oracles for the parity tests (CPU build; constraints.txt pins torch==2.13.0).
-        "parity": ["torch", "diffusers>=0.35"],
+        "parity": ["torch", "diffusers>=0.35", "peft>=0.17"],
         # Accelerator builds of jax; install with `pip install -e ".[tpu]"` on a TPU VM.
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
@@ -38,6 +38,7 @@ setuptools.setup(
             "mgrpo-train=mgrpo_jax.train:run",
             "mgrpo-sample=mgrpo_jax.sample:run",
             "mgrpo-eval=mgrpo_jax.evaluate:run",
+            "mgrpo-export=mgrpo_jax.export:run",
         ]
     },
 )

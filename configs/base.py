@@ -31,6 +31,8 @@ def get_config(arg=None):
   config.lora.alpha = 16.0
   # Regexes over dotted module paths; Flow-GRPO adapts the q/k/v/out projections of both streams.
   config.lora.targets = (r"attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",)
+  # Start the adapters from a diffusers/PEFT LoRA (.safetensors file or its directory; "" = none).
+  config.lora.init_from = ""
 
   # ---- data ----------------------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()

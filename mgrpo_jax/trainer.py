@@ -416,6 +416,8 @@ class Trainer:
     self.generator = registry.get_generator(config.model)
     self.sigmas = generator_sigmas(self.generator, config, config.sample.num_steps)
     graphdef, trainable, self.frozen = build_model_states(self.generator, config, self.mesh)
+    from mgrpo_jax import export  # pylint: disable=g-import-not-at-top
+    trainable = export.init_from_config(trainable, config)  # lora.init_from, if set
     self.policy = Policy(graphdef, bool(config.lora.enabled))
     self.tx = make_optimizer(config)
     opt_state = init_opt_state(self.tx, trainable, self.mesh)
