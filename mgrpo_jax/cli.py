@@ -149,8 +149,8 @@ def run(main: Callable[[list[str]], Any], program: str) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except (SystemExit, KeyboardInterrupt):
-      raise
+    except (SystemExit, KeyboardInterrupt, app.UsageError):
+      raise  # absl prints a UsageError with the flags' help
     except Exception as e:  # pylint: disable=broad-except
       if DEBUG.value:
         raise
