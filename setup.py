@@ -7,6 +7,8 @@ setuptools.setup(
     version="0.1.0",
     description="Multi-GRPO RL fine-tuning of flow-matching text-to-image models in JAX/Flax NNX.",
     packages=setuptools.find_packages(include=["mgrpo_jax", "mgrpo_jax.*"]),
+    # The pretrained tiny text renderer and its synthetic OCR-Color prompt files.
+    package_data={"mgrpo_jax": ["assets/tiny_text_renderer/*", "assets/synthetic_ocr_color/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",
@@ -32,6 +34,8 @@ setuptools.setup(
         # Accelerator builds of jax; install with `pip install -e ".[tpu]"` on a TPU VM.
         "tpu": ["jax[tpu]"],
         "cuda": ["jax[cuda12]"],
+        # Optional Weights & Biases logging (config.log.wandb_project).
+        "wandb": ["wandb>=0.17"],
     },
     entry_points={
         "console_scripts": [

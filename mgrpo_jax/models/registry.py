@@ -83,6 +83,30 @@ def _tiny(model_config) -> base.Generator:
       image_shape=cfg.image_shape)
 
 
+def tiny_text_model_config(path: str | None = None) -> ml_collections.ConfigDict:
+  """The pretrained pixel-space text renderer's config group (`models/tiny_pixel.py`); `path`
+  defaults to the weights shipped in the package ('' = random init)."""
+  from mgrpo_jax.models import tiny_pixel  # pylint: disable=import-outside-toplevel
+  return _settings_config("tiny_text", tiny_pixel.TinyPixelConfig,
+                          tiny_pixel.ASSET_DIR if path is None else path)
+
+
+@register("tiny_text")
+def _tiny_text(model_config) -> base.Generator:
+  from mgrpo_jax.models import tiny_pixel  # pylint: disable=import-outside-toplevel
+  cfg = tiny_pixel.TinyPixelConfig(**_fields(model_config, tiny_pixel.TinyPixelConfig))
+  if cfg.path:
+    tiny_pixel.check_architecture(cfg)
+  return base.Generator(
+      name="tiny_text",
+      make_module=lambda rngs: tiny_pixel.TinyPixelT2I(cfg, rngs=rngs),
+      tokenize=tiny_pixel.PromptTokenizer(cfg.text_length),
+      latent_shape=cfg.latent_shape,
+      image_shape=cfg.image_shape,
+      load_weights=(lambda abstract, mesh: tiny_pixel.load_weights(cfg, abstract, mesh))
+      if cfg.path else None)
+
+
 def sd3_model_config(path: str = "") -> ml_collections.ConfigDict:
   """The config group of an SD3 / SD3.5 generator read from a local diffusers directory."""
   from mgrpo_jax.models import sd3  # pylint: disable=import-outside-toplevel
