@@ -134,6 +134,32 @@ def test_second_train_on_a_held_workdir_exits_at_once_naming_the_holder(tmp_path
   assert seconds < 60  # interpreter and imports only; the tiny run takes minutes here
 
 
+@pytest.mark.slow
+def test_multi_host_run_on_a_held_workdir_stops_on_every_process(tmp_path):
+  """Two processes of one jax.distributed run: process 0 locks for both, both stop."""
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(tmp_path)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, text=True)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mgrpo_jax.train", f"--config={TINY}:runlocal",
+         f"--workdir={tmp_path}", *JPEG, f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT, env=_env(JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo"), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    holder.kill()
+    holder.wait()
+  assert [p.returncode for p in procs] == [cli.EXIT_ERROR] * 2, errs
+  assert f"PID {holder.pid}" in errs[0].strip().splitlines()[-1]
+  assert "process 0 could not lock" in errs[1].strip().splitlines()[-1]
+  assert sorted(os.listdir(tmp_path)) == ["lock"]
+
+
 # ---- metrics that match checkpoints ----------------------------------------------------------
 def _tb_events(directory):
   """Every Event proto in the TFRecord files of a TensorBoard directory, file by file."""
