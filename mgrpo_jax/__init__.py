@@ -7,3 +7,12 @@ from flax import nnx as _nnx
 _nnx.use_eager_sharding(False)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # `load_pipeline` pulls in the models and the trainer: imported on first use, so that
+  # `import mgrpo_jax` stays light.
+  if name == "load_pipeline":
+    from mgrpo_jax.pipeline import load_pipeline  # pylint: disable=import-outside-toplevel
+    return load_pipeline
+  raise AttributeError(f"module 'mgrpo_jax' has no attribute {name!r}")

@@ -35,7 +35,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from mgrpo_jax import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
 
   from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -55,20 +55,21 @@ def main(argv):
   prompts = list(_PROMPTS.value)
   if _PROMPTS_FILE.value:
     prompts += [r.prompt for r in prompts_lib.load_prompt_lines(_PROMPTS_FILE.value)]
-  trainer = trainer_lib.Trainer(config, workdir, inference=True)
-  try:
-    if not prompts:
-      prompts = [r.prompt for r in trainer.records[:config.log.num_eval_prompts]]
-    repeated = [p for p in prompts for _ in range(_IMAGES_PER_PROMPT.value)]
-    images = trainer.render(repeated, _SEED.value)
-  finally:
-    trainer.close()
+  if not prompts:  # the dataset's first prompts, read as the trainer reads them
+    dataset = config.data.dataset
+    path = dataset if os.sep in dataset or dataset.endswith((".csv", ".txt")) else \
+        prompts_lib.dataset_path(dataset, config.data.split)
+    prompts = [r.prompt for r in prompts_lib.load_prompts(path)[:config.log.num_eval_prompts]]
+  repeated = [p for p in prompts for _ in range(_IMAGES_PER_PROMPT.value)]
+  # The trainer's evaluation path without its optimizer state (mgrpo_jax/pipeline.py).
+  pipe = pipeline_lib.load_pipeline(config, lora=workdir if steps else None)
+  images = pipe(repeated, seed=_SEED.value, output_type="np")
   out = _OUT.value or os.path.join(workdir, "samples")
   os.makedirs(out, exist_ok=True)
   for i, image in enumerate(images):
     Image.fromarray(image).save(os.path.join(out, f"{i:04d}.png"))
   metrics_lib.make_grid(images, repeated).save(os.path.join(out, "grid.png"))
-  print(f"wrote {len(images)} images from iteration {trainer.start_iteration} to {out}",
+  print(f"wrote {len(images)} images from iteration {pipe.iteration or 0} to {out}",
         flush=True)
 
 

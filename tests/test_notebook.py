@@ -25,5 +25,5 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
   assert not [o for o in outputs if o.get("output_type") == "error"]
   images = [o for o in outputs if "image/png" in o.get("data", {})]
-  assert len(images) == 2  # reward curves and the evaluation grid
+  assert len(images) == 3  # reward curves, the evaluation grid, load_pipeline's before / after
   assert (tmp_path / "workdirs" / "notebook" / "metrics.jsonl").exists()
