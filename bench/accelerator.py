@@ -262,40 +262,48 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
   for part in parts:
     for attention in attentions if part in compare_parts else attentions[:1]:
       tag = tags[attention]
-      lora_graphdef, _, _ = graphdefs(work, attention, lora=True)
-      policy = trainer_lib.Policy(lora_graphdef, True)
-      if part == "forward":
-        plain_graphdef, _, _ = graphdefs(work, attention, lora=False)
-        x = jax.random.normal(jax.random.key(2), (work.batch,) + work.latent, jnp.float32)
-        sigma = jnp.linspace(0.1, 0.9, work.batch, dtype=jnp.float32)
-        cond = random_cond(work, work.batch, jax.random.key(3))
-        fwd = jax.jit(lambda state, x, sigma, cond, g=plain_graphdef:
-                      nnx.merge(g, state).velocity(x, sigma, cond))
-        res = median_ms(lambda i: fwd(base, x, sigma + 1e-3 * i, cond), warmup, repeats, sync)
-        record(f"forward/{tag}", res, f"forward x{work.batch}")
-      elif part == "train":
-        res = _jax_train(work, policy, adapters, base, sigmas, sampler, warmup, repeats)
-        record(f"train/{tag}", res,
-               f"LoRA train step x{work.train_batch} (CFG {sampler.guidance_scale})")
-      elif part == "rollout":
-        cond = random_cond(work, 1, jax.random.key(4))
-        neg = random_cond(work, 1, jax.random.key(5)) if use_cfg else None
-        mask = schedule.sde_step_mask(work.steps, None)
-        for shape, spec in (("flat", make_tree_spec(work.steps, mask, num_roots=work.leaves)),
-                            ("tree", make_tree_spec(work.steps, mask, **TREE))):
-          if spec.num_leaves != work.leaves:
-            raise ValueError(f"tree has {spec.num_leaves} leaves, --leaves={work.leaves}")
+      try:
+        lora_graphdef, _, _ = graphdefs(work, attention, lora=True)
+        policy = trainer_lib.Policy(lora_graphdef, True)
+        if part == "forward":
+          plain_graphdef, _, _ = graphdefs(work, attention, lora=False)
+          x = jax.random.normal(jax.random.key(2), (work.batch,) + work.latent, jnp.float32)
+          sigma = jnp.linspace(0.1, 0.9, work.batch, dtype=jnp.float32)
+          cond = random_cond(work, work.batch, jax.random.key(3))
+          fwd = jax.jit(lambda state, x, sigma, cond, g=plain_graphdef:
+                        nnx.merge(g, state).velocity(x, sigma, cond))
+          res = median_ms(lambda i: fwd(base, x, sigma + 1e-3 * i, cond), warmup, repeats, sync)
+          record(f"forward/{tag}", res, f"forward x{work.batch}")
+        elif part == "train":
+          res = _jax_train(work, policy, adapters, base, sigmas, sampler, warmup, repeats)
+          record(f"train/{tag}", res,
+                 f"LoRA train step x{work.train_batch} (CFG {sampler.guidance_scale})")
+        elif part == "rollout":
+          cond = random_cond(work, 1, jax.random.key(4))
+          neg = random_cond(work, 1, jax.random.key(5)) if use_cfg else None
+          mask = schedule.sde_step_mask(work.steps, None)
+          for shape, spec in (("flat", make_tree_spec(work.steps, mask, num_roots=work.leaves)),
+                              ("tree", make_tree_spec(work.steps, mask, **TREE))):
+            if spec.num_leaves != work.leaves:
+              raise ValueError(f"tree has {spec.num_leaves} leaves, --leaves={work.leaves}")
 
-          @jax.jit
-          def run(adapters, base, key, spec=spec, policy=policy, cond=cond, neg=neg):
-            return rollout_lib.rollout(policy.velocity_fn(adapters, base), cond, neg, key, spec,
-                                       sigmas, work.latent, sampler).final_latents
+            @jax.jit
+            def run(adapters, base, key, spec=spec, policy=policy, cond=cond, neg=neg):
+              return rollout_lib.rollout(policy.velocity_fn(adapters, base), cond, neg, key, spec,
+                                         sigmas, work.latent, sampler).final_latents
 
-          res = median_ms(lambda i, run=run: run(adapters, base, jax.random.key(i)), warmup,
-                          repeats, sync)
-          res["nfe"] = spec.nfe
-          record(f"rollout_{shape}/{tag}", res,
-                 f"{shape} rollout, {work.leaves} leaves x {work.steps} steps (NFE {spec.nfe})")
+            res = median_ms(lambda i, run=run: run(adapters, base, jax.random.key(i)), warmup,
+                            repeats, sync)
+            res["nfe"] = spec.nfe
+            record(f"rollout_{shape}/{tag}", res,
+                   f"{shape} rollout, {work.leaves} leaves x {work.steps} steps (NFE {spec.nfe})")
+      except Exception as err:  # pylint: disable=broad-except
+        # One failing row (an out-of-memory, a kernel that refuses a shape) must not lose the
+        # others: record it and go on.
+        name = f"{'rollout_flat' if part == 'rollout' else part}/{tag}"
+        results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        print(f"{name}: FAILED {results[name]['error'][:500]}", flush=True)
+        on_result(results)
   return results
 
 
@@ -413,20 +421,19 @@ def bench_torch(work: Work, parts: list[str], warmup: int, repeats: int,
   sigmas = torch.tensor(schedule.flow_match_sigmas(work.steps, SHIFT), device=device)
   use_cfg = work.guidance_scale != 1.0
 
-  if "forward" in parts:
+  def torch_forward():
     x, sig, cd = rand(work.batch, c, h, w), torch.linspace(0.1, 0.9, work.batch,
                                                            device=device), cond(work.batch)
 
     def fwd(i):
       with torch.no_grad():
         return velocity(x, sig + 1e-3 * i, cd)
-    results["forward/torch"] = median_ms(fwd, warmup, repeats, sync)
-    print(f"torch forward x{work.batch}: {results['forward/torch']['ms']:.1f} ms", flush=True)
-    on_result(results)
+    res = median_ms(fwd, warmup, repeats, sync)
+    return "forward/torch", res, f"forward x{work.batch}"
 
-  if "train" in parts:
+  def torch_train():
     n = work.train_batch
-    x, x_next = rand(n, c, h, w), None
+    x = rand(n, c, h, w)
     x_next = x + 0.05 * rand(n, c, h, w)
     step_idx = torch.randint(0, work.steps - 1, (n,), generator=gen, device=device)
     sig, sig_prev = sigmas[step_idx], sigmas[step_idx + 1]
@@ -440,7 +447,7 @@ def bench_torch(work: Work, parts: list[str], warmup: int, repeats: int,
       v = guided(x, sig, cd, neg)
       mean, std = _torch_sde_mean_std(torch, v, x, sig, sig_prev, sigmas[1])
       log_prob = _torch_log_prob(torch, x_next, mean, std, sig, sig_prev)
-      with torch.no_grad():
+      with torch.no_grad():  # the reference policy: adapters off
         for m in loras:
           m.enabled = False
         v_ref = guided(x, sig, cd, neg)
@@ -457,11 +464,10 @@ def bench_torch(work: Work, parts: list[str], warmup: int, repeats: int,
       opt.step()
       opt.zero_grad(set_to_none=True)
       return loss
-    results["train/torch"] = median_ms(train, warmup, repeats, sync)
-    print(f"torch LoRA train step x{n}: {results['train/torch']['ms']:.1f} ms", flush=True)
-    on_result(results)
+    res = median_ms(train, warmup, repeats, sync)
+    return "train/torch", res, f"LoRA train step x{n}"
 
-  if "rollout" in parts:
+  def torch_rollout():
     cd, neg = cond(1), (cond(1) if use_cfg else None)
     expand = lambda d: None if d is None else {
         k: (v.expand(work.leaves, *v.shape[1:]) if k not in ("img_ids", "txt_ids") else v)
@@ -478,17 +484,28 @@ def bench_torch(work: Work, parts: list[str], warmup: int, repeats: int,
           v = guided(x, sig, cd_l, neg_l)
           mean, std = _torch_sde_mean_std(torch, v, x, sig, sigmas[s + 1].expand(work.leaves),
                                           sigmas[1])
-          dt = (sigmas[s + 1] - sigmas[s])
+          dt = sigmas[s + 1] - sigmas[s]
           x = mean + std * torch.sqrt(-dt) * rand(*x.shape)
           all_log_probs.append(_torch_log_prob(torch, x, mean, std, sig, sigmas[s + 1]))
           all_latents.append(x)
         return x
     res = median_ms(sample, warmup, repeats, sync)
     res["nfe"] = work.leaves * work.steps
-    results["rollout_flat/torch"] = res
-    print(f"torch flat rollout, {work.leaves} leaves x {work.steps} steps: {res['ms']:.1f} ms",
-          flush=True)
+    return "rollout_flat/torch", res, f"flat rollout, {work.leaves} leaves x {work.steps} steps"
+
+  for part in parts:
+    try:
+      name, res, text = {"forward": torch_forward, "train": torch_train,
+                         "rollout": torch_rollout}[part]()
+      results[name] = res
+      print(f"torch {text}: {res['ms']:.1f} ms", flush=True)
+    except Exception as err:  # pylint: disable=broad-except
+      name = f"{'rollout_flat' if part == 'rollout' else part}/torch"
+      results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+      print(f"{name}: FAILED {results[name]['error'][:500]}", flush=True)
     on_result(results)
+    if device == "cuda":
+      torch.cuda.empty_cache()
   return results
 
 
@@ -543,33 +560,39 @@ def _torch_add_lora(torch, model):
 
 # ---- report --------------------------------------------------------------------------------------
 def table(results: dict) -> str:
-  """Rows: work | implementation | ms | torch ms | torch / ours (>1: ours faster)."""
+  """Rows: work | implementation | ms | torch ms | torch / ours (> 1: ours is faster)."""
   jx, th = results.get("jax", {}), results.get("torch", {})
-  lines = [f"{'work':<14}{'ours':<22}{'ours ms':>10}{'torch ms':>10}{'torch/ours':>11}"]
+  ms = lambda res: res.get("ms") if isinstance(res, dict) else None
+  fmt = lambda res: f"{res['ms']:.1f}" if ms(res) else ("FAILED" if res else "-")
+  header = results.get("header", {})
+  lines = [f"device: {header.get('device', '?')}, model: {header.get('model', '?')}",
+           f"{'work':<14}{'ours':<22}{'ours ms':>10}{'torch ms':>10}{'torch/ours':>11}"]
   for key, res in jx.items():
     if key.startswith("_"):
       continue
     work, impl = key.split("/", 1)
-    ref = th.get(f"{work}/torch") or th.get("rollout_flat/torch" if work.startswith("rollout")
-                                            else "", {})
-    ref_ms = ref.get("ms") if ref else None
-    ratio = f"{ref_ms / res['ms']:.2f}" if ref_ms else "-"
+    ref = th.get(f"{work}/torch") or (th.get("rollout_flat/torch")
+                                      if work.startswith("rollout") else None)
+    ratio = f"{ms(ref) / ms(res):.2f}" if ms(ref) and ms(res) else "-"
     extra = f" (NFE {res['nfe']})" if "nfe" in res else ""
-    lines.append(f"{work:<14}{impl + extra:<22}{res['ms']:>10.1f}"
-                 f"{(f'{ref_ms:.1f}' if ref_ms else '-'):>10}{ratio:>11}")
-  for key in th:
-    if not key.startswith("_") and not any(k.split("/")[0] == key.split("/")[0] for k in jx):
-      lines.append(f"{key.split('/')[0]:<14}{'-':<22}{'-':>10}{th[key]['ms']:>10.1f}{'-':>11}")
+    lines.append(f"{work:<14}{impl + extra:<22}{fmt(res):>10}{fmt(ref):>10}{ratio:>11}")
+  for key, res in th.items():
+    work = key.split("/")[0]
+    if not key.startswith("_") and not any(k.split("/")[0] == work for k in jx):
+      lines.append(f"{work:<14}{'-':<22}{'-':>10}{fmt(res):>10}{'-':>11}")
   if "_skipped" in th:
     lines.append(f"torch baseline skipped: {th['_skipped']}")
-  trees = {k.split("/", 1)[1]: v for k, v in jx.items() if k.startswith("rollout_tree/")}
-  flats = {k.split("/", 1)[1]: v for k, v in jx.items() if k.startswith("rollout_flat/")}
+  for source in (jx, th):
+    for key, res in source.items():
+      if isinstance(res, dict) and "error" in res:
+        lines.append(f"{key} failed: {res['error'][:300]}")
   ref = th.get("rollout_flat/torch")
-  for impl, tree in trees.items():
-    target = tree["nfe"] / flats[impl]["nfe"] / 1.5 if impl in flats else None
-    if ref and target:
-      lines.append(f"tree/torch-flat time ({impl}): {tree['ms'] / ref['ms']:.3f} "
-                   f"(goal <= tree NFE / flat NFE / 1.5 = {target:.3f})")
+  for key, tree in jx.items():
+    flat = jx.get(key.replace("rollout_tree/", "rollout_flat/"))
+    if key.startswith("rollout_tree/") and ms(tree) and ms(ref) and flat and "nfe" in flat:
+      goal = tree["nfe"] / flat["nfe"] / 1.5
+      lines.append(f"tree rollout / torch flat loop ({key.split('/', 1)[1]}): "
+                   f"{ms(tree) / ms(ref):.3f} (goal <= tree NFE / flat NFE / 1.5 = {goal:.3f})")
   return "\n".join(lines)
 
 

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One GPU run of bench/accelerator.py: SD3.5-M-sized MMDiT-X against diffusers + torch (then the
+# FLUX.1-dev-sized forward if time is left), in at most $BUDGET seconds (default 400), each part
+# under its own time limit so that partial results still come back. Results: $OUT/*.json (one per
+# part, rows saved as they finish), $OUT/summary.txt (the merged tables), $OUT/log.txt (everything).
+#
+#   bash bench/gpu_check.sh                      # on the GPU machine, from the repository root
+#   OUT=/tmp/out TINY=1 BUDGET=3000 bash bench/gpu_check.sh   # CPU dry run at tiny sizes
+#
+# Needs python3 with jax (GPU), flax, optax, chex, numpy; torch (CUDA) for the baseline. diffusers
+# and ml_collections (imported by mgrpo_jax.trainer), which the GPU image lacks, are installed
+# from the wheels in .whl/ into /tmp/site (no network needed).
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+BUDGET=${BUDGET:-400}
+TINY=${TINY:-0}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+START=$SECONDS
+
+shopt -s nullglob
+wheels=(.whl/diffusers-*.whl .whl/ml_collections-*.whl)
+if ((${#wheels[@]})); then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "${wheels[@]}" || echo "wheel install failed: ${wheels[*]}"
+else
+  echo "no wheels in .whl/: diffusers / ml_collections must already be installed"
+fi
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+nvidia-smi || echo "nvidia-smi: not available"
+python3 -c "import sys, jax, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" \
+  || echo "torch/diffusers do not import: the torch rows will say so"
+
+left() { echo $((BUDGET - (SECONDS - START))); }
+
+# part NAME LIMIT_S ARGS...: one bench process under min(LIMIT_S, time left); SIGINT first so the
+# rows it finished are already in $OUT/NAME.json.
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local remaining
+  remaining=$(left)
+  ((limit > remaining)) && limit=$remaining
+  if ((limit < 45)); then
+    echo "== $name: skipped ($remaining s of the budget left)"
+    return
+  fi
+  echo "== $name: limit ${limit} s, starting at $((SECONDS - START)) s"
+  timeout --signal=INT --kill-after=15 "$limit" \
+    python3 bench/accelerator.py "$@" --json "$OUT/$name.json"
+  echo "== $name: exit $? at $((SECONDS - START)) s"
+}
+
+SIZE=()
+[ "$TINY" = 1 ] && SIZE=(--tiny)
+# JAX and torch in separate processes: JAX preallocates most of the GPU memory.
+# auto = cuDNN flash attention on an H100; xla (the previous code path) for the forward only.
+part sd35m_jax 250 --model sd35m "${SIZE[@]}" --framework jax --attention auto,xla \
+  --compare-parts forward --warmup 1 --repeats 3
+part sd35m_torch 110 --model sd35m "${SIZE[@]}" --framework torch --warmup 1 --repeats 3
+part flux_jax 90 --model flux "${SIZE[@]}" --framework jax --attention auto,xla \
+  --parts forward --warmup 1 --repeats 3
+part flux_torch 60 --model flux "${SIZE[@]}" --framework torch --parts forward --warmup 1 \
+  --repeats 3
+
+for model in sd35m flux; do
+  files=("$OUT/${model}"_*.json)
+  if ((${#files[@]})); then
+    python3 bench/accelerator.py --merge "${files[@]}" --json "$OUT/$model.json" \
+      | tee -a "$OUT/summary.txt"
+  fi
+done
+echo "gpu_check.sh: done in $((SECONDS - START)) s"
