@@ -167,4 +167,6 @@ def get_config(arg=None):
   config.log.progress = True
   # Capture a jax.profiler trace of this iteration into WORKDIR/profile (-1: never).
   config.log.profile_iteration = -1
+  # Also log to this Weights & Biases project ("" = off; needs `pip install -e ".[wandb]"`).
+  config.log.wandb_project = ""
   return config

@@ -44,15 +44,19 @@ class MetricWriter:
   creates no file or directory, so multi-host runs have a single writer per workdir.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, config=None):
     self.workdir = workdir
     self.enabled = enabled
     self.metrics_path = os.path.join(workdir, "metrics.jsonl")
     self.image_dir = os.path.join(workdir, "images")
     self._file = None
     self._tb = None
+    self._wandb = None
     if not enabled:
       return
+    # Weights & Biases too when `config.log.wandb_project` is set (mgrpo_jax/wandb_writer.py).
+    from mgrpo_jax import wandb_writer  # pylint: disable=g-import-not-at-top
+    self._wandb = wandb_writer.from_config(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     _terminate_partial_line(self.metrics_path)
     self._file = open(self.metrics_path, "a", encoding="utf-8")
@@ -84,6 +88,8 @@ class MetricWriter:
       self._tb.add_scalar(name, value, int(step))
     self._file.write(json.dumps(record, allow_nan=False) + "\n")
     self._file.flush()
+    if self._wandb is not None:
+      self._wandb.write_scalars(step, record)
 
   def write_images(self, step: int, name: str, images: Any,
                    captions: Sequence[str] | None = None, ncols: int = 4) -> str | None:
@@ -106,6 +112,8 @@ class MetricWriter:
     path = os.path.join(self.image_dir, f"{name.replace('/', '_')}_{int(step):06d}.png")
     grid.save(path)
     self._tb.add_image(name, np.asarray(grid), int(step), dataformats="HWC")
+    if self._wandb is not None:
+      self._wandb.write_image(step, name, np.asarray(grid), captions)
     return path
 
   def drop_after(self, step: int) -> int:
@@ -174,6 +182,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.close()
+      self._wandb = None
     self.enabled = False
 
   def __enter__(self) -> MetricWriter:

@@ -5,10 +5,10 @@ r"""Text-to-image inference for notebooks and scripts: a generator, optionally w
 
 `path_or_config` is a run config (`ml_collections.ConfigDict`), a config file
 (`file.py[:variant]`), a training workdir (its `config.json`; the workdir is then also the
-default `lora`), or a local diffusers SD3 / FLUX directory. `lora` is a training workdir (its
-latest checkpoint's adapters, the EMA copy when the run kept one, as the trainer's evaluation
-does; full fine-tuning runs restore every weight) or a diffusers / PEFT LoRA file or directory
-(`mgrpo_jax.export`).
+default `lora`), or a diffusers SD3 / FLUX directory or its Hub repo id (`mgrpo_jax.hub`).
+`lora` is a training workdir (its latest checkpoint's adapters, the EMA copy when the run kept
+one, as the trainer's evaluation does; full fine-tuning runs restore every weight) or a
+diffusers / PEFT LoRA file or directory (`mgrpo_jax.export`).
 
 Sampling is the trainer's evaluation path (deterministic ODE steps, classifier-free guidance,
 images decoded on the device), jitted once per (batch size, steps, guidance) and sharded over the
@@ -56,7 +56,7 @@ def _inference_config(model: ml_collections.ConfigDict) -> ml_collections.Config
 
 
 def _config_from_path(path: str, model_overrides: dict[str, Any]) -> tuple[Any, str | None]:
-  """-> (run config, default lora) for a config file, workdir or diffusers directory."""
+  """-> (run config, default lora) for a config file, workdir, diffusers directory or Hub id."""
   from mgrpo_jax.models import registry  # pylint: disable=import-outside-toplevel
   file, _, variant = path.partition(":") if ".py" in path else (path, "", "")
   if file.endswith(".py"):
@@ -71,8 +71,11 @@ def _config_from_path(path: str, model_overrides: dict[str, Any]) -> tuple[Any, 
       return ml_collections.ConfigDict(json.load(f)), path
   directory = path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"load_pipeline: {path!r} is neither a config file, a training "
-                            "workdir nor a diffusers directory")
+    from mgrpo_jax import hub  # pylint: disable=import-outside-toplevel
+    if not hub.is_repo_id(path):
+      raise FileNotFoundError(f"load_pipeline: {path!r} is neither a config file, a training "
+                              "workdir, a diffusers directory nor a Hub repo id")
+    directory = hub.pipeline_dir(path, "load_pipeline")
   index_path = os.path.join(directory, "model_index.json")
   if not os.path.isfile(index_path):
     raise FileNotFoundError(f"load_pipeline: {path} has no model_index.json (not a diffusers "
@@ -82,7 +85,7 @@ def _config_from_path(path: str, model_overrides: dict[str, Any]) -> tuple[Any, 
     pipeline = json.load(f).get("_class_name")
   if pipeline not in _PIPELINES:
     raise ValueError(f"load_pipeline: {path} is a {pipeline}; supported: {sorted(_PIPELINES)}")
-  model = getattr(registry, f"{_PIPELINES[pipeline]}_model_config")(path)
+  model = getattr(registry, f"{_PIPELINES[pipeline]}_model_config")(directory)
   for key, value in model_overrides.items():
     if key not in model:
       raise ValueError(f"load_pipeline: model override {key!r} is not a field of the "
@@ -224,14 +227,14 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
   """Builds a `Pipeline` (see the module docstring).
 
   Args:
-    path_or_config: a run ConfigDict, `file.py[:variant]`, a training workdir or a diffusers
-      SD3 / FLUX directory.
+    path_or_config: a run ConfigDict, `file.py[:variant]`, a training workdir, or a diffusers
+      SD3 / FLUX directory or Hub repo id.
     lora: a training workdir or a diffusers / PEFT LoRA file or directory; default none (a
       workdir given as `path_or_config` is its own default).
     ema: with a workdir LoRA, use its EMA weights (default: when the run kept them).
     devices: devices to shard the batch over (default this process's local devices).
-    **model_overrides: fields of the model config when loading a diffusers directory (e.g.
-      resolution=1024, dtype="float32").
+    **model_overrides: fields of the model config when loading a diffusers directory or Hub id
+      (e.g. resolution=1024, dtype="float32").
 
   Raises:
     FileNotFoundError / ValueError naming the bad path, field or tensor.
@@ -241,7 +244,7 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
   from mgrpo_jax.models import registry  # pylint: disable=import-outside-toplevel
   if isinstance(path_or_config, ml_collections.ConfigDict):
     if model_overrides:
-      raise ValueError("load_pipeline: model overrides apply to diffusers directories; "
+      raise ValueError("load_pipeline: model overrides apply to diffusers directories and Hub ids; "
                        "change the ConfigDict instead")
     config, default_lora = path_or_config, None
   elif isinstance(path_or_config, (str, os.PathLike)):

@@ -478,7 +478,8 @@ class Trainer:
     try:
       self.checkpointer = ckpt_lib.Checkpointer(
           workdir, max_to_keep=config.log.keep_checkpoints, read_only=inference)
-      self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference)
+      self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference,
+                                             config=config)
       self.metrics_lib = metrics_lib
       self.start_iteration = 0
       self._maybe_restore(step)

@@ -64,7 +64,7 @@ def test_pipeline_equals_trainer_render(tmp_path):
 
 def test_bad_arguments_are_named(tmp_path):
   import mgrpo_jax
-  with pytest.raises(FileNotFoundError, match="neither a config file"):
+  with pytest.raises(FileNotFoundError, match="neither a config file.*nor a Hub repo id"):
     mgrpo_jax.load_pipeline(str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="config file .*missing.py does not exist"):
     mgrpo_jax.load_pipeline(str(tmp_path / "missing.py"))

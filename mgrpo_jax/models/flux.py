@@ -61,6 +61,8 @@ class FluxSettings:
   attention: str = "auto"
 
   def __post_init__(self):
+    from mgrpo_jax import hub  # pylint: disable=import-outside-toplevel
+    object.__setattr__(self, "path", hub.pipeline_dir(self.path))  # a Hub id -> its snapshot
     weights.check_pipeline_dir(self.path, "FluxPipeline", self.resolution)
 
 

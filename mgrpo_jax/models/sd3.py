@@ -53,6 +53,8 @@ class SD3Settings:
   attention: str = "auto"
 
   def __post_init__(self):
+    from mgrpo_jax import hub  # pylint: disable=import-outside-toplevel
+    object.__setattr__(self, "path", hub.pipeline_dir(self.path))  # a Hub id -> its snapshot
     weights.check_pipeline_dir(self.path, "StableDiffusion3Pipeline", self.resolution)
 
 

@@ -358,7 +358,7 @@ def check_pipeline_dir(path: str, pipeline: str, resolution: int) -> None:
   """
   if not path:
     raise ValueError(f"config.model.path is empty: give the local diffusers directory of the "
-                     f"{pipeline} checkpoint (nothing is downloaded)")
+                     f"{pipeline} checkpoint or its Hugging Face Hub repo id")
   if not os.path.isfile(os.path.join(path, "model_index.json")):
     raise FileNotFoundError(f"config.model.path={path} has no model_index.json; expected a "
                             f"diffusers {pipeline} directory")

@@ -52,8 +52,7 @@ class AestheticHead(nnx.Module):
 
 def _require(path: str, what: str) -> str:
   if not path:
-    raise ValueError(f"reward needs config.reward.{what}: a local directory (nothing is "
-                     "downloaded)")
+    raise ValueError(f"reward needs config.reward.{what}: a local directory or a Hub repo id")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config.reward.{what}={path} does not exist")
   return path
@@ -68,7 +67,8 @@ class DeviceReward:
     self.name = name
     self.mesh = mesh
     key = {"pickscore": "pickscore_path"}.get(name, "clip_path")
-    directory = _require(reward_config.get(key, ""), key)
+    from mgrpo_jax import hub  # pylint: disable=import-outside-toplevel
+    directory = _require(hub.model_dir(reward_config.get(key, ""), f"config.reward.{key}"), key)
     config = clip_lib.CLIPConfig.from_hf_config(weights.read_config(directory))
     graphdef, abstract = nnx.split(nnx.eval_shape(
         lambda: clip_lib.CLIPModel(config, rngs=nnx.Rngs(0))))
