@@ -36,6 +36,9 @@ setuptools.setup(
         "cuda": ["jax[cuda12]"],
         # Optional Weights & Biases logging (config.log.wandb_project).
         "wandb": ["wandb>=0.17"],
+        # Optional TFDS builders of the prompt sets (mgrpo_jax/data/tfds_builders.py); no
+        # TensorFlow needed.
+        "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
     },
     entry_points={
         "console_scripts": [
