@@ -67,12 +67,12 @@ def main():
 
   tx = trainer_lib.make_optimizer(config)
   nmb = config.train.num_minibatches
-  minibatches = jax.jit(trainer_lib.make_minibatch_fn(nmb))(
+  minibatches, normalizer = jax.jit(trainer_lib.make_minibatch_fn(nmb))(
       {"latents": out.latents, "next_latents": out.next_latents, "log_probs": out.log_probs,
        "steps": out.steps, "advantages": jnp.ones_like(out.log_probs),
        "keep": jnp.ones_like(out.log_probs)}, jax.random.key(0))
   batch = jax.tree.map(lambda a: a[0], minibatches)
-  batch.update(cond=cond, neg_cond=neg_cond)
+  batch.update(cond=cond, neg_cond=neg_cond, normalizer=normalizer[0])
   step = jax.jit(trainer_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
   state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
            "step": jnp.zeros([], jnp.int32)}

@@ -106,15 +106,18 @@ def get_config(arg=None):
   config.advantage.mode = "reward_groups"
   # Temporal group scope: "level" (nodes of a step, per prompt), "siblings", "leaf" (off).
   config.advantage.scope = "level"
-  # Std for normalisation: "global" (whole batch, Flow-GRPO's global_std) or "group".
-  config.advantage.std = "global"
+  # Std for normalisation: "group" (each temporal group's own std, as the paper draws it),
+  # "global" (per tree level over the whole batch, Flow-GRPO's global_std), or "auto" = "group"
+  # in tree mode and "global" in flat mode.
+  config.advantage.std = "auto"
   # Added to the std.
   config.advantage.eps = 1e-4
   # Advantages are clipped to [-clip, clip].
   config.advantage.clip = 5.0
   # Zero loss weight for groups whose advantages are all zero.
   config.advantage.drop_zero_groups = False
-  # Normalise leaf rewards with each prompt's reward history (Flow-GRPO's stat tracker).
+  # Normalise leaf rewards with each prompt's reward history over the whole run. Not Flow-GRPO's
+  # stat tracker, which is cleared every epoch (= the default per-prompt leaf groups).
   config.advantage.per_prompt_history = False
 
   # ---- optimisation --------------------------------------------------------------------------
@@ -123,9 +126,11 @@ def get_config(arg=None):
   config.train.num_iterations = 4
   # PPO inner epochs over the iteration's transitions.
   config.train.inner_epochs = 1
-  # Minibatches per inner epoch (transitions of every prompt split evenly).
+  # Minibatches per inner epoch and sampling batch (each prompt's transitions are split into
+  # parts that differ by at most one; padding rows carry no weight).
   config.train.num_minibatches = 2
-  # Minibatches whose gradients are accumulated into one optimizer update.
+  # Minibatches whose gradients are accumulated into one optimizer update; must divide the
+  # minibatches of an iteration (batches_per_iteration x num_minibatches x inner_epochs).
   config.train.grad_accum_steps = 1
   # AdamW.
   config.train.learning_rate = 3e-4
@@ -145,6 +150,8 @@ def get_config(arg=None):
   # optimizer steps.
   config.train.ema_decay = 0.0
   config.train.ema_every = 1
+  # Flow-GRPO's EMA warm-up: decay min((1 + u) / (10 + u), ema_decay) after u optimizer updates.
+  config.train.ema_warmup = False
 
   # ---- devices -------------------------------------------------------------------------------
   config.mesh = ml_collections.ConfigDict()

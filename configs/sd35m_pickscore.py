@@ -7,18 +7,18 @@ r"""Multi-GRPO on SD3.5-Medium for PickScore-25k (a single reward: temporal grou
 PickScore runs on the device (mgrpo_jax/rewards/device.py); its directory is the
 `yuvalkirstain/PickScore_v1` CLIPModel with the tokenizer files of
 `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` copied beside it. Everything else is the OCR-Color-10
-config with Flow-GRPO's PickScore changes ([FG]).
+config with Flow-GRPO's PickScore changes ([FG]: config/grpo.py `pickscore_sd3`).
+Variant: `flat` (the Flow-GRPO baseline). With one reward, reward mixing and reward groups
+coincide, so there is no `mixing` variant.
 """
 
-from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.config_utils import apply_variants, load_sibling
 
 ocr = load_sibling(__file__, "sd35m_ocr_color")
 
 
 def get_config(arg=None):
-  config = ocr.get_config(arg if arg != "mixing" else None)
-  if arg == "mixing":
-    raise ValueError("reward mixing needs several rewards; PickScore-25k has one")
+  config = ocr.get_config()
   # [FG] PickScore-25k train split (one prompt per line).
   config.data.dataset = "pickscore_25k"
   config.data.split = "train"
@@ -26,4 +26,7 @@ def get_config(arg=None):
   config.reward.weights = (1.0,)
   # [FG] KL beta 0.01 for PickScore.
   config.train.beta = 0.01
-  return config
+  return apply_variants(config, arg, VARIANTS, "sd35m_pickscore")
+
+
+VARIANTS = {"flat": ocr.VARIANTS["flat"]}

@@ -11,7 +11,7 @@ Variants: `flat` (Flow-GRPO: independent trajectories, same number of images per
 `mixing` (tree, reward mixing instead of reward groups; with one reward they coincide).
 """
 
-from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.config_utils import apply_variants, load_sibling
 
 tiny = load_sibling(__file__, "tiny_ocr_color")
 
@@ -27,11 +27,16 @@ def get_config(arg=None):
   config.train.num_iterations = 40
   config.log.eval_every = 20
   config.log.checkpoint_every = 20
-  if arg == "flat":
-    config.tree.mode = "flat"
-    config.tree.group_size = 4  # the tree's leaves per prompt
-  elif arg == "mixing":
-    config.advantage.mode = "reward_mixing"
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of tiny_jpeg; expected 'flat', 'mixing' or none")
-  return config
+  return apply_variants(config, arg, VARIANTS, "tiny_jpeg")
+
+
+def _flat(config):
+  config.tree.mode = "flat"
+  config.tree.group_size = 4  # the tree's leaves per prompt
+
+
+def _mixing(config):
+  config.advantage.mode = "reward_mixing"
+
+
+VARIANTS = {"flat": _flat, "mixing": _mixing}

@@ -17,3 +17,36 @@ def load_sibling(this_file: str, name: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def parse_variants(arg: str | None) -> list[str]:
+  """`'flat,mixing'` -> ['flat', 'mixing']: the variants named after `file.py:` (in order)."""
+  if not arg:
+    return []
+  names = [a.strip() for a in str(arg).split(",")]
+  if any(not n for n in names):
+    raise ValueError(f"config variant list {arg!r} has an empty entry")
+  return names
+
+
+def apply_variants(config, arg: str | None, variants: dict, where: str):
+  """Applies each variant named in `arg` (comma-separated, in order) to `config` in place.
+
+  Args:
+    config: the config to change.
+    arg: the text after `file.py:`, e.g. 'flat,pickscore' (None or '' = no variant).
+    variants: name -> function(config) that changes the config for that variant.
+    where: the config file's name, for the error message.
+
+  Returns:
+    The config.
+
+  Raises:
+    ValueError: a name that is not a variant of this config (lists the known ones).
+  """
+  for name in parse_variants(arg):
+    if name not in variants:
+      raise ValueError(f"unknown variant {name!r} of {where}; known: {sorted(variants)} "
+                       f"(combine them with commas, e.g. {where}:{','.join(sorted(variants))})")
+    variants[name](config)
+  return config

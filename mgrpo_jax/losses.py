@@ -7,6 +7,12 @@ where, as in Flow-GRPO, `std` is the step's noise coefficient *before* the sqrt(
 ("flow_grpo", the default); "exact" divides by the transition variance instead, which is the
 true KL between the two Gaussian transitions (per element).
 loss = weighted mean_i policy_i + beta * weighted mean_i kl_i, weights from `keep`.
+
+Weighted means divide by `normalizer` when it is given instead of by the minibatch's weight sum.
+The trainer passes (weight sum of the whole batch) / (number of minibatches), so that minibatches
+holding different numbers of real transitions (padding for trees whose transition count does not
+split evenly) still weigh every real transition exactly once per epoch: the mean of the
+minibatch losses is the batch's weighted mean loss.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ class LossOutput(NamedTuple):
   metrics: dict[str, jax.Array]
 
 
-def _weighted_mean(x: jax.Array, weights: jax.Array) -> jax.Array:
-  return (x * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+def _weighted_mean(x: jax.Array, weights: jax.Array, normalizer=None) -> jax.Array:
+  denom = weights.sum() if normalizer is None else normalizer
+  return (x * weights).sum() / jnp.maximum(denom, 1e-12)
 
 
 def gaussian_mean_kl(mean: jax.Array, ref_mean: jax.Array, std: jax.Array) -> jax.Array:
@@ -46,7 +53,8 @@ def grpo_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Arra
               clip_range: float, mean: jax.Array | None = None,
               ref_mean: jax.Array | None = None, kl_std: jax.Array | None = None,
               beta: float = 0.0, weights: jax.Array | None = None,
-              steps: jax.Array | None = None, num_steps: int | None = None) -> LossOutput:
+              steps: jax.Array | None = None, num_steps: int | None = None,
+              normalizer: jax.Array | float | None = None) -> LossOutput:
   """PPO-clip GRPO loss with an optional KL penalty.
 
   Args:
@@ -60,42 +68,59 @@ def grpo_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Arra
     weights: [B] per-transition loss weights (1 train, 0 drop); default all ones.
     steps: [B] int step index of each transition, for per-step ratio statistics.
     num_steps: T, needed with `steps`.
+    normalizer: scalar divisor of every weighted mean (default: the sum of `weights`); see the
+      module docstring.
 
   Returns:
     LossOutput(loss scalar, metrics): policy_loss, kl, approx_kl (Flow-GRPO's
-    0.5 * mean((logp - logp_old)^2)), clipfrac, ratio_mean, ratio_std and, with `steps`,
-    ratio_mean_per_step / ratio_std_per_step [T] (0 where a step has no transitions).
+    0.5 * mean((logp - logp_old)^2)), clipfrac, ratio_mean, ratio_sq_mean (mean of ratio^2, so
+    that the std over several minibatches can be formed exactly), ratio_std and, with `steps`,
+    per-step sums ratio_sum_per_step / ratio_sq_sum_per_step and weights count_per_step [T],
+    from which `per_step_ratio_stats` forms per-step means and stds.
   """
   weights = jnp.ones_like(advantages) if weights is None else weights
   ratio = jnp.exp(log_prob - old_log_prob)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-  policy_loss = _weighted_mean(jnp.maximum(unclipped, clipped), weights)
+  wmean = lambda x: _weighted_mean(x, weights, normalizer)
+  policy_loss = wmean(jnp.maximum(unclipped, clipped))
   loss = policy_loss
   metrics = {"policy_loss": policy_loss}
   if beta > 0.0:
     if mean is None or ref_mean is None or kl_std is None:
       raise ValueError("beta > 0 needs mean, ref_mean and kl_std")
-    kl = _weighted_mean(gaussian_mean_kl(mean, ref_mean, kl_std), weights)
+    kl = wmean(gaussian_mean_kl(mean, ref_mean, kl_std))
     loss = loss + beta * kl
     metrics["kl"] = kl
   ratio_sg = jax.lax.stop_gradient(ratio)
   delta = jax.lax.stop_gradient(log_prob - old_log_prob)
+  ratio_mean, ratio_sq_mean = wmean(ratio_sg), wmean(ratio_sg**2)
   metrics.update(
       loss=loss,
-      approx_kl=_weighted_mean(0.5 * delta**2, weights),
-      clipfrac=_weighted_mean((jnp.abs(ratio_sg - 1.0) > clip_range).astype(jnp.float32), weights),
-      ratio_mean=_weighted_mean(ratio_sg, weights),
-      ratio_std=jnp.sqrt(_weighted_mean((ratio_sg - _weighted_mean(ratio_sg, weights))**2,
-                                        weights)),
+      approx_kl=wmean(0.5 * delta**2),
+      clipfrac=wmean((jnp.abs(ratio_sg - 1.0) > clip_range).astype(jnp.float32)),
+      ratio_mean=ratio_mean,
+      ratio_sq_mean=ratio_sq_mean,
+      ratio_std=jnp.sqrt(jnp.maximum(ratio_sq_mean - ratio_mean**2, 0.0)),
   )
   if steps is not None:
     if num_steps is None:
       raise ValueError("per-step ratio statistics need num_steps")
-    count = jax.ops.segment_sum(weights, steps, num_steps)
-    per_mean = jax.ops.segment_sum(ratio_sg * weights, steps, num_steps) / jnp.maximum(count, 1.0)
-    per_var = jax.ops.segment_sum((ratio_sg - per_mean[steps])**2 * weights, steps,
-                                  num_steps) / jnp.maximum(count, 1.0)
-    metrics["ratio_mean_per_step"] = per_mean
-    metrics["ratio_std_per_step"] = jnp.sqrt(per_var)
+    # Sums, not means: a minibatch may hold few transitions of a step; the host adds the sums
+    # of all minibatches of an epoch before dividing (`per_step_ratio_stats`).
+    metrics["count_per_step"] = jax.ops.segment_sum(weights, steps, num_steps)
+    metrics["ratio_sum_per_step"] = jax.ops.segment_sum(ratio_sg * weights, steps, num_steps)
+    metrics["ratio_sq_sum_per_step"] = jax.ops.segment_sum(ratio_sg**2 * weights, steps,
+                                                           num_steps)
   return LossOutput(loss, metrics)
+
+
+def per_step_ratio_stats(count, ratio_sum, ratio_sq_sum):
+  """Per-step ratio mean and std [T] from summed `count_per_step` / `ratio_*sum_per_step`.
+
+  Steps without transitions get mean and std 0.
+  """
+  c = jnp.maximum(count, 1e-12)
+  mean = jnp.where(count > 0, ratio_sum / c, 0.0)
+  var = jnp.where(count > 0, ratio_sq_sum / c - mean**2, 0.0)
+  return mean, jnp.sqrt(jnp.maximum(var, 0.0))

@@ -77,8 +77,11 @@ def advantage_config(config) -> adv_lib.AdvantageConfig:
   if len(config.reward.names) != len(config.reward.weights):
     raise ValueError(f"reward.names {tuple(config.reward.names)} and reward.weights "
                      f"{tuple(config.reward.weights)} must have the same length")
+  std = config.advantage.std
+  if std == "auto":  # the paper's per-group std for trees, Flow-GRPO's global std when flat
+    std = "group" if config.tree.mode == "tree" else "global"
   return adv_lib.AdvantageConfig(
-      mode=config.advantage.mode, scope=config.advantage.scope, std=config.advantage.std,
+      mode=config.advantage.mode, scope=config.advantage.scope, std=std,
       eps=float(config.advantage.eps), clip=float(config.advantage.clip),
       weights=tuple(float(w) for w in config.reward.weights),
       drop_zero_groups=bool(config.advantage.drop_zero_groups))
@@ -152,7 +155,8 @@ def build_model_states(generator, config, mesh):
       frozen = trainable if keep_reference else nnx.State({})
     return graphdef, trainable, frozen
 
-  graphdef, _, _ = split(nnx.eval_shape(make))
+  with sharding_lib.fast_module_tracing():
+    graphdef, _, _ = split(nnx.eval_shape(make))
 
   def init():
     _, trainable, frozen = split(make())
@@ -166,7 +170,8 @@ def build_model_states(generator, config, mesh):
     return graphdef, trainable, copy(trainable) if keep_reference else frozen
   # Real weights: nothing of the base is initialised randomly. Only the adapters are created (the
   # base's random init is dead code XLA drops); the rest streams from disk into its sharding.
-  abstract_trainable, abstract_frozen = jax.eval_shape(init)
+  with sharding_lib.fast_module_tracing():
+    abstract_trainable, abstract_frozen = jax.eval_shape(init)
   if use_lora:
     trainable = sharding_lib.create_sharded(lambda: init()[0], mesh)
     frozen = generator.load_weights(abstract_frozen, mesh)
@@ -250,13 +255,17 @@ class TextCache:
 def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
   """Builds train_step(state, batch, rng, frozen) -> (state, metrics).
 
-  state: {'trainable', 'opt_state', 'step'}.
+  state: {'trainable', 'opt_state', 'step'} (+ 'ema'); `step` counts minibatches.
   batch (P prompts x m transitions each): latents / next_latents [P, m, h, w, c],
-  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...].
+  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...],
+  normalizer (optional): scalar divisor of the loss's weighted means (see `make_minibatch_fn`;
+  default the minibatch's `keep` sum).
   """
   sigmas = jnp.asarray(sigmas)
   ema_decay = float(train_cfg.get("ema_decay", 0.0))
   ema_every = int(train_cfg.get("ema_every", 1))
+  ema_warmup = bool(train_cfg.get("ema_warmup", False))
+  accum = max(int(train_cfg.get("grad_accum_steps", 1)), 1)
   beta = float(train_cfg.beta)
   clip_range = float(train_cfg.clip_range)
   kl_mode = train_cfg.kl_mode
@@ -290,7 +299,7 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
       res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
                              clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
                              kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
-                             num_steps=spec.num_steps)
+                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"))
       return res.loss, res.metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
@@ -299,9 +308,17 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
     metrics["grad_norm"] = optax.tree.norm(grads)
     new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
     if "ema" in state:
-      # EMA of the trained weights (Flow-GRPO evaluates with it), updated every `ema_every`
-      # optimizer steps; with gradient accumulation a step is one minibatch.
-      decay = jnp.where(new_state["step"] % ema_every == 0, ema_decay, 1.0)
+      # EMA of the trained weights (Flow-GRPO evaluates with it), updated after every
+      # `ema_every`-th optimizer update (with gradient accumulation an update is `accum`
+      # minibatches). With warm-up the decay is Flow-GRPO's min((1 + u) / (10 + u), decay) for
+      # u optimizer updates before this one (flow_grpo/ema.py, get_current_decay).
+      updates_done = new_state["step"] // accum  # optimizer updates, this one included
+      is_update = new_state["step"] % accum == 0
+      decay = jnp.asarray(ema_decay, jnp.float32)
+      if ema_warmup:
+        u = (updates_done - 1).astype(jnp.float32)
+        decay = jnp.minimum((1.0 + u) / (10.0 + u), decay)
+      decay = jnp.where(is_update & (updates_done % ema_every == 0), decay, 1.0)
       new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
                                       state["ema"], trainable)
     return new_state, metrics
@@ -309,46 +326,86 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
   return train_step
 
 
+def minibatch_layout(num_transitions: int, num_minibatches: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static split of M shuffled positions into `num_minibatches` rows of equal length.
+
+  Position p goes to minibatch p % n, slot p // n, so minibatch sizes differ by at most one real
+  transition; the slots past M are padding.
+
+  Returns:
+    (position int32 [n, m], valid bool [n, m]) with m = ceil(M / n); padded slots point at
+    position 0 and are not valid.
+  """
+  n, M = num_minibatches, num_transitions
+  if n < 1:
+    raise ValueError(f"train.num_minibatches must be >= 1, got {n}")
+  if n > M:
+    raise ValueError(f"train.num_minibatches={n} is more than the {M} stored transitions per "
+                     f"prompt: a minibatch would hold nothing but padding")
+  m = -(-M // n)
+  position = np.arange(n * m).reshape(m, n).T
+  valid = position < M
+  return np.where(valid, position, 0).astype(np.int32), valid
+
+
 def make_minibatch_fn(num_minibatches: int):
   """Shuffles every prompt's transitions independently and splits them into minibatches.
 
-  Shuffling along the transition axis only keeps each prompt's rows on its data shard.
-  Returns fn(data {name: [P, M, ...]}, key) -> {name: [num_minibatches, P, M / nmb, ...]}.
+  Any transition count M per prompt works: minibatches hold ceil(M / n) rows, the rows past M are
+  padding with `keep` 0 (see `minibatch_layout`). Shuffling along the transition axis only keeps
+  each prompt's rows on its data shard.
+  Returns fn(data {name: [P, M, ...]}, key) -> ({name: [n, P, m, ...]}, normalizer [n]), where
+  the normalizer of every minibatch is (sum of `keep` over the batch) / n: the divisor that makes
+  the mean of the n minibatch losses the batch's weighted mean loss.
   """
 
   def fn(data, key):
     P, M = data["log_probs"].shape
-    if M % num_minibatches:
-      raise ValueError(f"{M} stored transitions per prompt do not split into "
-                       f"train.num_minibatches={num_minibatches} equal minibatches")
+    position, valid = minibatch_layout(M, num_minibatches)
+    n, m = position.shape
     perm = jax.vmap(lambda k: jax.random.permutation(k, M))(jax.random.split(key, P))
+    rows = perm[:, position.reshape(-1)]  # [P, n * m] transition index of every slot
 
-    def shuffle(a):
-      idx = perm.reshape(perm.shape + (1,) * (a.ndim - 2))
+    def split(a):
+      idx = rows.reshape(rows.shape + (1,) * (a.ndim - 2))
       a = jnp.take_along_axis(a, idx, axis=1)
-      a = a.reshape((P, num_minibatches, M // num_minibatches) + a.shape[2:])
-      return jnp.swapaxes(a, 0, 1)
+      return jnp.swapaxes(a.reshape((P, n, m) + a.shape[2:]), 0, 1)
 
-    return jax.tree.map(shuffle, data)
+    out = jax.tree.map(split, data)
+    out["keep"] = out["keep"] * jnp.asarray(valid, out["keep"].dtype)[:, None, :]
+    normalizer = jnp.full([n], data["keep"].sum() / n, jnp.float32)
+    return out, normalizer
 
   return fn
 
 
 # ---- host loop ---------------------------------------------------------------------------------
 def _mean_metrics(metrics_list) -> dict[str, float]:
-  """Averages a list of per-step metric dicts (one device_get for all of them)."""
+  """Epoch metrics from a list of per-minibatch metric dicts (one device_get for all of them).
+
+  Scalars are averaged over minibatches, which is exact because every minibatch divides by the
+  same normalizer; per-step sums are added before dividing.
+  """
   if not metrics_list:
     return {}
   host = jax.device_get(metrics_list)
+  stacked = {name: np.stack([np.asarray(m[name], np.float64) for m in host]) for name in host[0]}
   out = {}
-  for name in host[0]:
-    values = np.stack([np.asarray(m[name]) for m in host])
+  for name, values in stacked.items():
     if values.ndim == 1:
       out[f"train/{name}"] = float(values.mean())
-    else:  # per-step vectors: report each step that has transitions
-      for s, v in enumerate(values.mean(0)):
-        if v != 0:
-          out[f"train/{name}/{s}"] = float(v)
+  if "ratio_sq_mean" in stacked:
+    mean, sq = stacked["ratio_mean"].mean(), stacked.pop("ratio_sq_mean").mean()
+    out.pop("train/ratio_sq_mean")
+    out["train/ratio_std"] = float(np.sqrt(max(sq - mean**2, 0.0)))
+  if "count_per_step" in stacked:
+    count = stacked["count_per_step"].sum(0)
+    mean, std = losses.per_step_ratio_stats(count, stacked["ratio_sum_per_step"].sum(0),
+                                            stacked["ratio_sq_sum_per_step"].sum(0))
+    for s, c in enumerate(count):
+      if c > 0:  # report each step that has transitions
+        out[f"train/ratio_mean_per_step/{s}"] = float(mean[s])
+        out[f"train/ratio_std_per_step/{s}"] = float(std[s])
   return out
 
 
@@ -496,6 +553,10 @@ class Trainer:
 
   @staticmethod
   def _advantages(rewards, prompt_index, stats, *, spec, cfg):
+    """rewards [P, B, L, K], prompt_index [P, B] -> (Advantages [B, P, ...], stats, summary)."""
+    P, B = prompt_index.shape
+    rewards = jnp.swapaxes(rewards, 0, 1).reshape((B * P,) + rewards.shape[2:])
+    prompt_index = jnp.swapaxes(prompt_index, 0, 1).reshape(-1)
     leaf_stats = None
     if stats is not None:
       stats, mean, std = adv_lib.update_prompt_stats(
@@ -507,9 +568,15 @@ class Trainer:
     summary = {"advantage/mean": adv.transitions.mean(), "advantage/std": adv.transitions.std(),
                "advantage/abs_max": jnp.abs(adv.transitions).max(initial=0.0),
                "advantage/kept_fraction": adv.keep.mean()}
+    # The credit each tree level gets: mean |A| of its nodes (level 0 = the roots' steps).
+    for j, (off, size) in enumerate(zip(spec.level_offsets, spec.level_sizes)):
+      summary[f"advantage/abs_mean/level_{j}"] = jnp.abs(adv.nodes[:, off:off + size]).mean()
     for k in range(rewards.shape[-1]):
       summary[f"reward/{k}"] = rewards[..., k].mean()
       summary[f"reward/{k}_std"] = rewards[..., k].std()
+    per_batch = lambda a: a.reshape((B, P) + a.shape[1:])
+    adv = adv_lib.Advantages(per_batch(adv.transitions), per_batch(adv.nodes),
+                             per_batch(adv.values), per_batch(adv.keep))
     return adv, stats, summary
 
   # -- checkpoints ---------------------------------------------------------------------------------
@@ -654,29 +721,19 @@ class Trainer:
     cfg = self.config
     batches = self.sample_and_score(iteration, timer)
     with timer("advantages"):
-      rewards = sharding_lib.global_batch(np.concatenate([b["rewards"] for b in batches]),
-                                          self.mesh)
-      index = sharding_lib.global_batch(
-          np.concatenate([np.asarray(b["data"]["index"], np.int32) for b in batches]), self.mesh)
-      adv, stats, summary = self.advantage_fn(rewards, index, self.state.get("prompt_stats"))
-      if stats is not None:
-        self.state["prompt_stats"] = stats
-      P = cfg.data.prompts_per_batch
+      adv, summary = self.iteration_advantages(batches)
     train_metrics = []
     train_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), iteration), 1)
     trainable_state = {k: v for k, v in self.state.items() if k != "prompt_stats"}
     with timer("train"):
       for epoch in range(cfg.train.inner_epochs):
         for b, batch in enumerate(batches):
-          r = batch["rollout"]
-          data = {"latents": r.latents, "next_latents": r.next_latents,
-                  "log_probs": r.log_probs, "steps": r.steps,
-                  "advantages": adv.transitions[b * P:(b + 1) * P],
-                  "keep": adv.keep[b * P:(b + 1) * P]}
-          mbs = self.minibatch_fn(data, jax.random.fold_in(train_key, epoch * 1000 + b))
+          mbs, normalizer = self.minibatch_fn(self.training_data(batch, adv, b),
+                                              jax.random.fold_in(train_key, epoch * 1000 + b))
           for j in range(cfg.train.num_minibatches):
             mb = jax.tree.map(lambda a: a[j], mbs)
             mb["cond"], mb["neg_cond"] = batch["cond"], batch["neg_cond"]
+            mb["normalizer"] = normalizer[j]
             trainable_state, metrics = self.train_step(
                 trainable_state, mb, jax.random.fold_in(train_key, j), self.frozen)
             train_metrics.append(metrics)
@@ -694,8 +751,33 @@ class Trainer:
         "nfe/independent_per_prompt": float(self.spec.nfe_independent),
         "samples/leaves_per_prompt": float(self.spec.num_leaves),
     })
-    self._last_batch = batches[0]
     return out
+
+  def iteration_advantages(self, batches):
+    """Advantages of every batch of an iteration, normalised over all of them together.
+
+    Every process stacks its own rows of the B batches along axis 1, so the global reward array
+    is [P, B, L, K] with row p = prompt p of each batch whatever the process count (joining the
+    batches along the rows would order them (process, batch) on several hosts).
+
+    Returns:
+      (Advantages with transitions / keep [B, P, M] and nodes [B, P, N], summary scalars).
+    """
+    rewards = sharding_lib.global_batch(np.stack([b["rewards"] for b in batches], axis=1),
+                                        self.mesh)
+    index = sharding_lib.global_batch(
+        np.stack([np.asarray(b["data"]["index"], np.int32) for b in batches], axis=1), self.mesh)
+    adv, stats, summary = self.advantage_fn(rewards, index, self.state.get("prompt_stats"))
+    if stats is not None:
+      self.state["prompt_stats"] = stats
+    return adv, summary
+
+  @staticmethod
+  def training_data(batch, adv, b: int) -> dict[str, jax.Array]:
+    """The stored transitions of batch `b` with their advantages: {name: [P, M, ...]}."""
+    r = batch["rollout"]
+    return {"latents": r.latents, "next_latents": r.next_latents, "log_probs": r.log_probs,
+            "steps": r.steps, "advantages": adv.transitions[b], "keep": adv.keep[b]}
 
   def render(self, prompts: list[str], seed: int) -> np.ndarray:
     """ODE samples (eval_num_steps, CFG) of `prompts` with noise from `seed`: uint8 [n, H, W, 3].

@@ -161,3 +161,28 @@ def write_tiny_flux(directory: str, seed: int = 0, guidance_embeds: bool = True)
     if os.path.isdir(tmp + i):
       os.rmdir(tmp + i)
   return pipe
+
+
+def write_tiny_clip(directory: str, seed: int = 0):
+  """A tiny random transformers CLIPModel directory with tokenizer (a PickScore / CLIP stand-in).
+
+  Returns:
+    (torch model, tokenizer).
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  tokenizer = _clip_tokenizer(directory, "<|endoftext|>")
+  vocab = len(tokenizer)
+  model = transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                       eos_token_id=vocab - 1, bos_token_id=vocab - 2, pad_token_id=1),
+      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, image_size=32, patch_size=8),
+      projection_dim=24)).eval()
+  with torch.no_grad():
+    model.logit_scale.fill_(3.0)
+  model.save_pretrained(directory, safe_serialization=True)
+  tokenizer.save_pretrained(directory)
+  return model, tokenizer

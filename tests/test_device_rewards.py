@@ -26,21 +26,8 @@ DATASETS = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  torch.manual_seed(0)
   directory = str(tmp_path_factory.mktemp("clip"))
-  tokenizer = sd3_tiny._clip_tokenizer(directory, "<|endoftext|>")  # pylint: disable=protected-access
-  vocab = len(tokenizer)
-  model = transformers.CLIPModel(transformers.CLIPConfig(
-      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                       eos_token_id=vocab - 1, bos_token_id=vocab - 2, pad_token_id=1),
-      vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, image_size=32, patch_size=8),
-      projection_dim=24)).eval()
-  with torch.no_grad():
-    model.logit_scale.fill_(3.0)
-  model.save_pretrained(directory, safe_serialization=True)
-  tokenizer.save_pretrained(directory)
+  model, tokenizer = sd3_tiny.write_tiny_clip(directory)
   return model, tokenizer, directory
 
 

@@ -78,3 +78,34 @@ def test_two_processes_equal_one_process(tmp_path):
   for x, y in zip(jax.tree.leaves(state_a["trainable"]), jax.tree.leaves(state_b["trainable"])):
     np.testing.assert_allclose(y, x, rtol=0, atol=1e-4 * lr)
   assert ckpt_lib.load_numpy(multi)[0] == ckpt_lib.load_numpy(single)[0] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+@pytest.mark.skipif(not os.path.isdir(DATASETS) and "MGRPO_DATASETS" not in os.environ,
+                    reason="../shared/datasets not present")
+def test_two_batches_per_iteration_get_their_own_advantages_on_two_processes(tmp_path):
+  # With several sampling batches, every process joins its own rows of all batches; the global
+  # advantage array must still give batch b's rollout rows batch b's advantages, as on one process.
+  driver = [sys.executable, "-m", "tests.advantage_driver"]
+  single = subprocess.run(driver + [str(tmp_path / "one.npz"), str(tmp_path / "w1")], cwd=ROOT,
+                          env=_env(8), capture_output=True, text=True, timeout=900)
+  assert single.returncode == 0, single.stdout + single.stderr
+  port = _free_port()
+  procs = [subprocess.Popen(
+      driver + [str(tmp_path / "two.npz"), str(tmp_path / "w2"), f"localhost:{port}", "2", str(i)],
+      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+  one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+  for b in range(2):
+    # The same images (so the same rewards and stored log-probs) in the same rows...
+    np.testing.assert_allclose(two[f"rewards_{b}"], one[f"rewards_{b}"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(two[f"log_probs_{b}"], one[f"log_probs_{b}"], rtol=1e-4, atol=1e-4)
+    # ...get the same advantage for every transition.
+    np.testing.assert_allclose(two[f"advantages_{b}"], one[f"advantages_{b}"], rtol=1e-5,
+                               atol=1e-5, err_msg=f"batch {b}")
+  # Batches differ (otherwise the check above could not see rows of the wrong batch).
+  assert np.abs(one["advantages_0"] - one["advantages_1"]).max() > 1e-3

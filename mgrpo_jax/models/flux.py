@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax import sharding as sharding_lib
+
 from mgrpo_jax.models import base, flux_transformer, sd3_vae, text_encoders, weights
 from mgrpo_jax.sampling import schedule
 
@@ -172,7 +174,8 @@ def load_weights(settings: FluxSettings, abstract_state: nnx.State, mesh=None) -
 
 def make_generator(settings: FluxSettings) -> base.Generator:
   weights.check_pipeline_components(settings.path, "FluxPipeline", COMPONENTS)
-  shapes = nnx.eval_shape(lambda: FluxModel(settings, rngs=nnx.Rngs(0)))
+  with sharding_lib.fast_module_tracing():
+    shapes = nnx.eval_shape(lambda: FluxModel(settings, rngs=nnx.Rngs(0)))
   h, w, _ = shapes.latent_shape
   return base.Generator(
       name="flux",

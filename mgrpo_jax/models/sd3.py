@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax import sharding as sharding_lib
+
 from mgrpo_jax.models import base, sd3_transformer, sd3_vae, text_encoders, weights
 
 CLIP_LENGTH = 77
@@ -153,7 +155,8 @@ def make_generator(settings: SD3Settings) -> base.Generator:
   weights.check_pipeline_components(
       settings.path, "StableDiffusion3Pipeline", required,
       hints={"text_encoder_3": " (or set config.model.use_t5=False)"})
-  shapes = nnx.eval_shape(lambda: SD3Model(settings, rngs=nnx.Rngs(0)))
+  with sharding_lib.fast_module_tracing():
+    shapes = nnx.eval_shape(lambda: SD3Model(settings, rngs=nnx.Rngs(0)))
   return base.Generator(
       name="sd3",
       make_module=lambda rngs: SD3Model(settings, rngs=rngs),
