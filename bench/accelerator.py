@@ -262,6 +262,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
   for part in parts:
     for attention in attentions if part in compare_parts else attentions[:1]:
       tag = tags[attention]
+      stage = part  # the row an exception is recorded under
       try:
         lora_graphdef, _, _ = graphdefs(work, attention, lora=True)
         policy = trainer_lib.Policy(lora_graphdef, True)
@@ -284,6 +285,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
           mask = schedule.sde_step_mask(work.steps, None)
           for shape, spec in (("flat", make_tree_spec(work.steps, mask, num_roots=work.leaves)),
                               ("tree", make_tree_spec(work.steps, mask, **TREE))):
+            stage = f"rollout_{shape}"
             if spec.num_leaves != work.leaves:
               raise ValueError(f"tree has {spec.num_leaves} leaves, --leaves={work.leaves}")
 
@@ -300,7 +302,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
       except Exception as err:  # pylint: disable=broad-except
         # One failing row (an out-of-memory, a kernel that refuses a shape) must not lose the
         # others: record it and go on.
-        name = f"{'rollout_flat' if part == 'rollout' else part}/{tag}"
+        name = f"{stage}/{tag}"
         results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
         print(f"{name}: FAILED {results[name]['error'][:500]}", flush=True)
         on_result(results)
@@ -396,24 +398,24 @@ def bench_torch(work: Work, parts: list[str], warmup: int, repeats: int,
       out["txt_ids"] = torch.zeros(work.text_tokens, 3, device=device, dtype=dtype)
     return out
 
-  def velocity(x, sigma, c):
+  def velocity(x, sigma, kw):
     """x [B, c, h, w] float32 -> velocity [B, c, h, w] float32 (the model in `dtype`)."""
     if work.flux:  # FluxPipeline's 2 x 2 packing, timestep = sigma
       b = x.shape[0]
       packed = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
       packed = packed.reshape(b, (h // 2) * (w // 2), c * 4)
       out = model(hidden_states=packed.to(dtype), timestep=sigma.to(dtype), return_dict=False,
-                  **c)[0]
+                  **kw)[0]
       out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
       return out.reshape(b, c, h, w).float()
     return model(hidden_states=x.to(dtype), timestep=(sigma * 1000).to(dtype),
-                 return_dict=False, **c)[0].float()
+                 return_dict=False, **kw)[0].float()
 
-  def guided(x, sigma, c, neg):
+  def guided(x, sigma, kw, neg):
     if neg is None:
-      return velocity(x, sigma, c)
-    both = {k: torch.cat([neg[k], c[k]]) if k not in ("img_ids", "txt_ids") else c[k]
-            for k in c}
+      return velocity(x, sigma, kw)
+    both = {k: torch.cat([neg[k], kw[k]]) if k not in ("img_ids", "txt_ids") else kw[k]
+            for k in kw}
     v = velocity(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
     v_u, v_c = v.chunk(2)
     return v_u + work.guidance_scale * (v_c - v_u)

@@ -58,16 +58,16 @@ def test_tiny_run_end_to_end(tmp_path):
   bench = _bench()
   out = tmp_path / "rows.json"
   results = bench.main(["--tiny", "--attention", "auto,xla", "--compare-parts", "forward",
-                        "--steps", "4", "--warmup", "1", "--repeats", "1", "--json", str(out)])
+                        "--steps", "5", "--warmup", "1", "--repeats", "1", "--json", str(out)])
   jx = results["jax"]
   for row in ("forward/jax[auto]=xla", "forward/jax[xla]", "train/jax[auto]=xla",
               "rollout_flat/jax[auto]=xla", "rollout_tree/jax[auto]=xla"):
     assert jx[row]["ms"] > 0, row
   assert "train/jax[xla]" not in jx  # only the forward compares implementations here
-  # 24 leaves x 4 steps flat; the tree evaluates 3 roots at steps 0 and 1 (branching x2 at 1)
-  # and 6 nodes at steps 2 and 3 (branching x4 at 3).
-  assert jx["rollout_flat/jax[auto]=xla"]["nfe"] == 24 * 4
-  assert jx["rollout_tree/jax[auto]=xla"]["nfe"] == 3 + 3 + 6 + 6
+  # 24 leaves x 5 steps flat; the tree evaluates 3 roots at steps 0 and 1 (branching x2 at 1),
+  # 6 nodes at steps 2 and 3 (branching x4 at 3) and 24 at step 4.
+  assert jx["rollout_flat/jax[auto]=xla"]["nfe"] == 24 * 5
+  assert jx["rollout_tree/jax[auto]=xla"]["nfe"] == 3 + 3 + 6 + 6 + 24
   saved = json.load(open(out))
   assert saved["header"]["model"] == "sd35m (tiny)"
   if importlib.util.find_spec("diffusers") is None:
