@@ -20,6 +20,7 @@ each field with its saved and new value.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import errno
 import fcntl
@@ -231,7 +232,10 @@ def hold_for_process(workdir: str) -> None:
   """
   key = os.path.realpath(workdir)
   if key not in _PROCESS_HELD:
-    _PROCESS_HELD[key] = lock_for_run(workdir)
+    lock = _PROCESS_HELD[key] = lock_for_run(workdir)
+    if lock is not None:
+      # Any exit but a kill empties the record, so the next run sees no stale lock.
+      atexit.register(lock.release)
 
 
 # ---- resume checks -------------------------------------------------------------------------------

@@ -103,6 +103,18 @@ def test_without_flock_the_record_decides(tmp_path, monkeypatch):
   workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
 
+def test_a_process_lock_is_emptied_on_exit_and_left_stale_by_a_kill(tmp_path):
+  script = "import sys; from mgrpo_jax import workdir; workdir.hold_for_process(sys.argv[1])"
+  for name, tail, code in (("exit", "; sys.exit(3)", 3),
+                           ("kill", "; import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+                            -signal.SIGKILL)):
+    res = subprocess.run([sys.executable, "-c", script + tail, str(tmp_path / name)], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == code, res.stderr[-2000:]
+  assert (tmp_path / "exit" / "lock").read_text() == ""
+  assert json.loads((tmp_path / "kill" / "lock").read_text())["host"] == socket.gethostname()
+
+
 _HOLD = textwrap.dedent("""
     import sys, time
     from mgrpo_jax import workdir
