@@ -253,6 +253,14 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
     if reason:
       print(f"{tags[attention]}: auto falls back to xla: {reason}", flush=True)
 
+  cache = {("xla", True): graphdef}
+
+  def graphdef_of(attention, lora):
+    """Abstract builds of a 2 B model take seconds: one per (implementation, LoRA or not)."""
+    if (attention, lora) not in cache:
+      cache[attention, lora] = graphdefs(work, attention, lora)[0]
+    return cache[attention, lora]
+
   def record(name, res, text):
     results[name] = res
     print(f"{name.split('/', 1)[1]} {text}: {res['ms']:.1f} ms", flush=True)
@@ -264,10 +272,9 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
       tag = tags[attention]
       stage = part  # the row an exception is recorded under
       try:
-        lora_graphdef, _, _ = graphdefs(work, attention, lora=True)
-        policy = trainer_lib.Policy(lora_graphdef, True)
+        policy = trainer_lib.Policy(graphdef_of(attention, True), True)
         if part == "forward":
-          plain_graphdef, _, _ = graphdefs(work, attention, lora=False)
+          plain_graphdef = graphdef_of(attention, False)
           x = jax.random.normal(jax.random.key(2), (work.batch,) + work.latent, jnp.float32)
           sigma = jnp.linspace(0.1, 0.9, work.batch, dtype=jnp.float32)
           cond = random_cond(work, work.batch, jax.random.key(3))
@@ -283,9 +290,9 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
           cond = random_cond(work, 1, jax.random.key(4))
           neg = random_cond(work, 1, jax.random.key(5)) if use_cfg else None
           mask = schedule.sde_step_mask(work.steps, None)
-          for shape, spec in (("flat", make_tree_spec(work.steps, mask, num_roots=work.leaves)),
-                              ("tree", make_tree_spec(work.steps, mask, **TREE))):
+          for shape, tree in (("flat", dict(num_roots=work.leaves)), ("tree", TREE)):
             stage = f"rollout_{shape}"
+            spec = make_tree_spec(work.steps, mask, **tree)
             if spec.num_leaves != work.leaves:
               raise ValueError(f"tree has {spec.num_leaves} leaves, --leaves={work.leaves}")
 
