@@ -51,6 +51,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
+from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.models import attention as attention_lib
 from mgrpo_jax.models import flux_transformer, lora as lora_lib, sd3_transformer
@@ -174,7 +175,9 @@ def graphdefs(work: Work, attention: str, lora: bool):
     if lora:
       lora_lib.apply_lora(model, LORA_TARGETS, LORA_RANK, LORA_ALPHA, rngs=nnx.Rngs(1))
     return model
-  model = nnx.eval_shape(make)
+  # Tracing a 2 B model's construction is quadratic in its modules without this (minutes).
+  with sharding_lib.fast_module_tracing():
+    model = nnx.eval_shape(make)
   if lora:
     return lora_lib.split_lora(model)
   graphdef, state = nnx.split(model)
