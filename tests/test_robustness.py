@@ -416,15 +416,15 @@ def test_checkpoints_from_before_field_metadata_compare_the_hash():
 
 
 # ---- logs for clusters -----------------------------------------------------------------------
-def test_without_a_terminal_each_iteration_is_one_line():
+def test_without_a_terminal_each_iteration_is_one_line(monkeypatch):
+  clock = iter([100.0, 104.0, 200.0, 201.0])  # bar made at t=100 s, its iteration ends at 104
+  monkeypatch.setattr(metrics_lib.time, "perf_counter", lambda: next(clock))
   out = io.StringIO()  # not a TTY, like nohup's or SLURM's log file
   bar = metrics_lib.ProgressBar(total=10, initial=2, enabled=True, file=out)
   metrics = {"reward/ocr": 0.5, "reward/ocr_std": 0.1, "reward/text_color": 0.25,
              "train/kl": 1.5e-5, "train/loss": 3.0, "time/sample": 1.234, "time/reward_wait": 0.5,
              "time/advantages": 0.01, "time/train": 2.0, "time/iteration": 3.8}
-  bar._last -= 4.0  # pylint: disable=protected-access  (as if the iteration took 4 s)
   bar.update(1, metrics)
-  bar.close()
   line = out.getvalue()
   assert line == ("train 3/10 | ocr=0.5 text_color=0.25 | kl=1.50e-05 | sample 1.23s "
                   "reward_wait 0.50s advantages 0.01s train 2.00s | 4.00 s/it, ETA 0:00:28\n")
