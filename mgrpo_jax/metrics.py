@@ -166,7 +166,8 @@ class MetricWriter:
         stem, _, number = os.path.splitext(name)[0].rpartition("_")
         if stem and number.isdigit() and int(number) > step and name.endswith(".png"):
           os.remove(os.path.join(self.image_dir, name))
-    self._file = open(self.metrics_path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    # Reopened for appending, as in __init__; close() closes it.
+    self._file = open(self.metrics_path, "a", encoding="utf-8")  # pylint: disable=R1732
     return dropped
 
   def flush(self) -> None:

@@ -1,4 +1,4 @@
-"""What a workdir guarantees across runs: one writer at a time, and resuming only the same experiment.
+"""A workdir across runs: one writer at a time, and resuming only the same experiment.
 
 Lock. A training run holds `WORKDIR/lock` for its whole life: an exclusive `flock` on the file,
 which holds the holder's host, PID, start time and command as JSON. A second run on the same
@@ -9,8 +9,8 @@ filesystem without `flock` (some network mounts) the file's content decides inst
 this host that no longer runs is stale; one on another host must be removed by hand.
 In a multi-host run only process 0 takes the lock (one per workdir, not per process); every
 process learns the outcome, so all of them stop when the workdir is taken. `mgrpo-train` takes
-it first thing (`hold_for_process`), before building anything; a `Trainer` takes it itself
-(`lock_for_run`) unless its process already holds it that way.
+it for its whole process (`hold_for_process`) before building a model or reading weights; a
+`Trainer` takes it itself (`lock_for_run`) unless its process already holds it that way.
 
 Resume. A checkpoint's metadata holds the resolved config (`config_record`). `check_resume`
 compares it field by field with the config of the run that wants to continue: fields that do not
