@@ -90,16 +90,16 @@ def test_repo_ids_resolve_offline_from_the_cache(tmp_path):
   clip.mkdir()
   (clip / "config.json").write_text(json.dumps({"model_type": "clip"}))
   clip_snapshot = _cache_repo(str(hf_home / "hub"), "tiny-org/clip", str(clip))
-  code = f"""
+  code = """
 import json
 from mgrpo_jax import hub
 from mgrpo_jax.models import registry
 config = registry.sd3_model_config("tiny-org/tiny-sd3")
 config.resolution, config.max_sequence_length = 32, 16
 generator = registry.get_generator(config)
-print(json.dumps({{"latent_shape": generator.latent_shape,
+print(json.dumps({"latent_shape": generator.latent_shape,
                   "model": hub.pipeline_dir("tiny-org/tiny-sd3"),
-                  "clip": hub.model_dir("tiny-org/clip", "config.reward.clip_path")}}))
+                  "clip": hub.model_dir("tiny-org/clip", "config.reward.clip_path")}))
 from mgrpo_jax import pipeline
 run_config, _ = pipeline._config_from_path("tiny-org/tiny-sd3", dict(resolution=32))
 assert run_config.model.path == hub.pipeline_dir("tiny-org/tiny-sd3"), run_config.model.path
