@@ -146,6 +146,10 @@ def get_config(arg=None):
   config.train.beta = 0.04
   # KL divisor: "flow_grpo" (std before sqrt(-dt)) or "exact" (transition variance).
   config.train.kl_mode = "flow_grpo"
+  # GRPO-Guard RatioNorm: centre each step's log-ratio and scale it by the transition std.
+  config.train.ratio_norm = False
+  # GRPO-Guard step reweighting of each step's policy loss: "none" or "inv_dt" (times 1 / -dt).
+  config.train.step_reweight = "none"
   # EMA of the trained weights used for evaluation images (0 = off), updated every ema_every
   # optimizer steps.
   config.train.ema_decay = 0.0

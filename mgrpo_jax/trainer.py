@@ -271,6 +271,10 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
   kl_mode = train_cfg.kl_mode
   if kl_mode not in losses.KL_MODES:
     raise ValueError(f"train.kl_mode must be one of {losses.KL_MODES}, got {kl_mode!r}")
+  # GRPO-Guard (losses.py): RatioNorm and per-step reweighting of the policy loss.
+  ratio_norm = bool(train_cfg.get("ratio_norm", False))
+  step_reweight = train_cfg.get("step_reweight", "none")
+  losses.step_reweight_weights(step_reweight, 1.0, 0.0)  # validates the mode before tracing
 
   def train_step(state, batch, rng, frozen):
     del rng  # the update is deterministic; kept for a uniform step signature
@@ -296,10 +300,15 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
             sampler.method, jax.lax.stop_gradient(v_ref), x, sigma, sigma_prev,
             noise_level=sampler.noise_level, sigma_max=sigmas[1])
       kl_std = out.std if kl_mode == "flow_grpo" else out.transition_std
+      norm_scale = (losses.ratio_norm_scale(sampler.method, sampler.cps_logprob,
+                                            out.transition_std) if ratio_norm else None)
       res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
                              clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
                              kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
-                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"))
+                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"),
+                             ratio_norm_scale=norm_scale,
+                             step_weights=losses.step_reweight_weights(step_reweight, sigma,
+                                                                       sigma_prev))
       return res.loss, res.metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
@@ -406,6 +415,13 @@ def _mean_metrics(metrics_list) -> dict[str, float]:
       if c > 0:  # report each step that has transitions
         out[f"train/ratio_mean_per_step/{s}"] = float(mean[s])
         out[f"train/ratio_std_per_step/{s}"] = float(std[s])
+    if "ratio_norm_sum_per_step" in stacked:  # GRPO-Guard's ratio after RatioNorm
+      mean, std = losses.per_step_ratio_stats(count, stacked["ratio_norm_sum_per_step"].sum(0),
+                                              stacked["ratio_norm_sq_sum_per_step"].sum(0))
+      for s, c in enumerate(count):
+        if c > 0:
+          out[f"train/ratio_norm_mean_per_step/{s}"] = float(mean[s])
+          out[f"train/ratio_norm_std_per_step/{s}"] = float(std[s])
   return out
 
 
