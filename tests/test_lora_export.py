@@ -348,3 +348,23 @@ def test_init_from_config(sd3_built, tmp_path):
   config.lora.enabled = False
   with pytest.raises(ValueError, match="needs lora.enabled=True"):
     export.init_from_config(sd3_built[2], config)
+
+
+def test_flux_pickscore_targets_name_diffusers_linears(tiny_flux):
+  """configs/flux_pickscore.py's targets (attention + feed-forward) map to torch Linear layers
+  of diffusers' FluxTransformer2DModel, so exports of such runs load completely."""
+  from flax import nnx
+  from mgrpo_jax.config_utils import load_sibling
+  from mgrpo_jax.models import lora
+  pipe, directory = tiny_flux
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  targets = load_sibling(os.path.join(root, "configs", "flux_pickscore.py"),
+                         "flux_pickscore").get_config().lora.targets
+  generator = registry.get_generator(model_config("flux", directory))
+  module = generator.make_module(nnx.Rngs(0))
+  adapted = lora.apply_lora(module, tuple(targets), 2, 4.0, rngs=nnx.Rngs(1))
+  names = {export.diffusers_module("flux", p)[len("transformer."):] for p in adapted}
+  linears = {n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+  assert names <= linears, sorted(names - linears)
+  assert {"transformer_blocks.0.ff.net.0.proj", "transformer_blocks.1.ff_context.net.2",
+          "single_transformer_blocks.1.attn.to_k"} <= names
