@@ -78,6 +78,7 @@ def _cache_repo(hub_cache, repo, source):
   return os.path.join(folder, "snapshots", SHA)
 
 
+@pytest.mark.slow
 def test_repo_ids_resolve_offline_from_the_cache(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
