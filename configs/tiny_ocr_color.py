@@ -1,49 +1,78 @@
-r"""Tiny random SD3-style model on OCR-Color-10 prompts: the CPU default and smoke test.
+r"""The CPU main job: the pretrained tiny text renderer learns OCR-Color with Multi-GRPO.
 
   mgrpo-train --config configs/tiny_ocr_color.py --workdir /tmp/mgrpo_tiny
+  mgrpo-eval --config configs/tiny_ocr_color.py --checkpoint /tmp/mgrpo_tiny \
+      --config.data.dataset=mgrpo_jax/assets/synthetic_ocr_color/heldout.csv
   mgrpo-train --config configs/tiny_ocr_color.py:runlocal --workdir /tmp/mgrpo_tiny_small
 
-A random 64 px model renders no legible text, so the OCR and colour rewards start at 0 for every
-image; DDPO's JPEG compressibility (weight 0.1) gives the smoke run a reward with variance, so
-the whole Multi-GRPO path (tree rollouts, three reward groups, temporal groups) is exercised.
-Variant `runlocal` shrinks everything further for tests.
+Generator: `tiny_text` (models/tiny_pixel.py), the SD3 MMDiT on 32x32 pixels pretrained for 5,000
+steps on synthetic words (`python -m mgrpo_jax.pretrain`), weights shipped in the package. It
+already draws most words in roughly the right colour, but misspells many and mixes colours
+(held-out OCR reward ~0.3, text-colour reward ~0.6), so both rewards have room to rise.
+
+Prompts: `mgrpo_jax/assets/synthetic_ocr_color/train.csv` (1,840 OCR-Color-10 style prompts,
+'... reads "WORD". The color of the text "WORD" is red.', written deterministically by
+`python -m mgrpo_jax.data.synthetic_text`); evaluate on `heldout.csv` (40 (word, colour) pairs
+never seen in pretraining or here). Rewards: `ocr` and `text_color`, weight 1 each.
+
+Variant `runlocal`: the random tiny model (`tiny`, 2 blocks) on the same prompts with fewer
+steps: a smoke run for tests, not a learning run.
 """
 
 from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.data import synthetic_text
+from mgrpo_jax.models import registry
 
 base = load_sibling(__file__, "base")
 
 
 def get_config(arg=None):
   config = base.get_config()
-  # OCR-Color-10 publishes only its test split; it doubles as training prompts for the demo.
-  config.data.dataset = "ocr_color_10"
-  config.data.split = "test"
+  # The pretrained pixel-space text renderer shipped with the package.
+  config.model = registry.tiny_text_model_config()
+  # Synthetic OCR-Color-10 style training prompts shipped with the package (a path, so nothing
+  # needs $MGRPO_DATASETS); held-out prompts for mgrpo-eval are beside it.
+  config.data.dataset = synthetic_text.prompt_csv("train")
+  config.data.split = "train"
   config.data.prompts_per_batch = 4
-  # Three reward groups: text accuracy, text colour, and a weight-free image statistic.
-  config.reward.names = ("ocr", "text_color", "jpeg_compressibility")
-  config.reward.weights = (1.0, 1.0, 0.1)
+  # Two reward groups: text accuracy and text colour.
+  config.reward.names = ("ocr", "text_color")
+  config.reward.weights = (1.0, 1.0)
   # Tree: one root, x2 at step 0 and x2 at step 2 -> 4 leaves per prompt.
   config.tree.mode = "tree"
   config.tree.num_roots = 1
   config.tree.branch_steps = (0, 2)
   config.tree.branch_factors = (2, 2)
-  config.sample.num_steps = 6
-  config.sample.eval_num_steps = 6
+  # 10 steps with CFG 4.5 and shift 3: the setting the base model's held-out rewards are quoted
+  # at (`python -m mgrpo_jax.pretrain --eval`).
+  config.sample.num_steps = 10
+  config.sample.eval_num_steps = 10
+  config.sample.guidance_scale = 4.5
+  # Train on the first 5 steps only (where the word and its colour are decided); halves the
+  # train step's cost.
+  config.sample.sde_window = (0, 5)
   config.sample.batches_per_iteration = 2
-  config.train.num_iterations = 6
+  # 12 iterations: ~9 CPU-minutes in all (compilation included), ~5-6 minutes on two free cores.
+  config.train.num_iterations = 12
   config.train.num_minibatches = 2
   config.train.learning_rate = 1e-3
   config.train.clip_range = 0.2
-  config.log.eval_every = 3
+  config.log.eval_every = 12
+  config.log.num_eval_prompts = 8
+  config.log.checkpoint_every = 12
   if arg == "runlocal":
+    config.model = registry.default_tiny_model_config()
     config.sample.num_steps = 4
     config.sample.eval_num_steps = 4
+    config.sample.sde_window = (-1, -1)
     config.tree.branch_steps = (0, 1)
     config.sample.batches_per_iteration = 1
     config.train.num_iterations = 2
     config.train.num_minibatches = 1
     config.log.eval_every = 1
+    config.log.num_eval_prompts = 4
+    config.log.checkpoint_every = 1
   elif arg:
     raise ValueError(f"unknown variant {arg!r} of tiny_ocr_color; expected 'runlocal' or none")
   return config
+

@@ -140,6 +140,9 @@ def train(config, workdir: str, command: str = "") -> str:
   """Runs (or resumes) pretraining in `workdir`; returns the exported weights directory."""
   os.makedirs(workdir, exist_ok=True)
   cfg = model_config(config)
+  if cfg.image_size != synthetic_text.IMAGE_SIZE:
+    raise ValueError(f"config.model.image_size={cfg.image_size}, but the synthetic data is "
+                     f"{synthetic_text.IMAGE_SIZE} px")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2) + "\n")
   model = tiny_pixel.TinyPixelT2I(cfg, rngs=nnx.Rngs(config.seed))

@@ -1,0 +1,146 @@
+"""The pretrained tiny text renderer: shipped weights load, tokenizer, pretraining loss and resume."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from mgrpo_jax import pretrain
+from mgrpo_jax.models import lora as lora_lib
+from mgrpo_jax.models import registry
+from mgrpo_jax.models import tiny_pixel
+from mgrpo_jax.models.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+SMALL = dict(image_size=8, patch_size=4, num_layers=1, num_heads=2, head_dim=8, text_length=16,
+             text_layers=1, pooled_dim=8)
+
+
+def test_shipped_weights_load_through_the_registry():
+  path = tiny_pixel.ASSET_DIR
+  assert os.path.getsize(os.path.join(path, "model.safetensors")) <= 20 * 2**20
+  provenance = json.load(open(os.path.join(path, "config.json")))
+  assert provenance["seed"] == 0 and provenance["steps"] == 5000
+  assert provenance["command"].startswith("python -m mgrpo_jax.pretrain ")
+  generator = registry.get_generator(registry.tiny_text_model_config())
+  assert generator.latent_shape == (32, 32, 3) and generator.image_shape == (128, 128, 3)
+  abstract = nnx.state(nnx.eval_shape(lambda: generator.make_module(nnx.Rngs(0))))
+  state = generator.load_weights(abstract, None)
+  # Every tensor equals the file read by the safetensors library itself, cast to float32.
+  reference = load_file(os.path.join(path, "model.safetensors"))
+  flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+  assert sorted(flat) == sorted(reference)
+  for name, value in flat.items():
+    assert value.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(value), reference[name].astype(np.float32))
+  # Trained, not the zero init of adaLN-Zero.
+  assert np.abs(reference["transformer.proj_out.kernel"]).max() > 1e-3
+
+
+def test_registry_refuses_sizes_that_do_not_match_the_weights():
+  config = registry.tiny_text_model_config()
+  config.num_layers = 4
+  with pytest.raises(ValueError, match=r"num_layers=4 \(weights: 5\)"):
+    registry.get_generator(config)
+
+
+def test_random_init_without_path():
+  generator = registry.get_generator(registry.tiny_text_model_config(path=""))
+  assert generator.load_weights is None
+
+
+def test_tokenizer_reads_word_and_colour():
+  tok = tiny_pixel.PromptTokenizer(16)
+  ids = tok(['A sign that reads "CAT". The color of the text "CAT" is Red.', "plain", ""])
+  ids = ids["input_ids"]
+  expect = [BOS_ID] + [b + 3 for b in b"CAT|red"] + [EOS_ID]
+  assert ids[0, :len(expect)].tolist() == expect and (ids[0, len(expect):] == PAD_ID).all()
+  assert ids[1, :7].tolist() == [BOS_ID] + [b + 3 for b in b"plain"] + [EOS_ID]
+  assert ids[2, :2].tolist() == [BOS_ID, EOS_ID] and (ids[2, 2:] == PAD_ID).all()
+  assert tiny_pixel.condition_text('reads "HI" in blue') == "HI|"
+  with pytest.raises(TypeError, match="list of prompts"):
+    tok("one string")
+
+
+def test_decode_is_a_bicubic_upscale_of_the_pixels():
+  model = tiny_pixel.TinyPixelT2I(tiny_pixel.TinyPixelConfig(**SMALL), rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3), minval=-1.2, maxval=1.2)
+  images = model.decode(x)
+  assert images.shape == (2, 32, 32, 3)
+  ref = np.clip(jax.image.resize(np.clip((np.asarray(x) + 1) / 2, 0, 1), (2, 32, 32, 3),
+                                 "cubic"), 0, 1)
+  np.testing.assert_allclose(np.asarray(images), ref, atol=1e-6)
+  # A constant image stays that constant.
+  np.testing.assert_allclose(model.decode(jnp.full((1, 8, 8, 3), 0.5)), 0.75, atol=1e-6)
+
+
+def test_lora_targets_the_mmdit_attention():
+  model = tiny_pixel.TinyPixelT2I(tiny_pixel.TinyPixelConfig(**SMALL), rngs=nnx.Rngs(0))
+  # The default LoRA targets of configs/base.py.
+  targets = (r"attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)$",)
+  lora_lib.apply_lora(model, targets, 2, 4.0, rngs=nnx.Rngs(1))
+  _, adapters, _ = lora_lib.split_lora(model)
+  # One block, the last (context_pre_only, no to_add_out): 4 image-stream and 3 text-stream
+  # projections, each with an A and a B matrix.
+  assert len(jax.tree.leaves(adapters)) == 14
+
+
+def test_flow_matching_loss_of_the_zero_init_model():
+  # adaLN-Zero: the untrained model predicts zero velocity, so the loss is mean((eps - x0)^2)
+  # with the eps the loss draws (numpy reference of the same draws).
+  model = tiny_pixel.TinyPixelT2I(tiny_pixel.TinyPixelConfig(**SMALL), rngs=nnx.Rngs(0))
+  x0 = np.linspace(-1, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3)
+  tokens = tiny_pixel.PromptTokenizer(16)(["a", "b", "c", ""])
+  key = jax.random.key(3)
+  graphdef, state = nnx.split(model)
+  loss = jax.jit(lambda s, t, x, k: pretrain.flow_matching_loss(nnx.merge(graphdef, s), t, x, k))(
+      state, tokens, jnp.asarray(x0), key)
+  _, k_noise = jax.random.split(key)
+  eps = np.asarray(jax.random.normal(k_noise, x0.shape))
+  np.testing.assert_allclose(float(loss), np.mean((eps - x0) ** 2), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_pretraining_resumes_exactly_and_exports_loadable_weights(tmp_path):
+  config = pretrain.default_config()
+  config.model.update(dict(SMALL, image_size=32, patch_size=8))  # the data is 32 px
+  config.train.batch_size = 4
+  config.train.steps = 3
+  config.train.warmup_steps = 1
+  config.log.log_every = 1
+  config.log.checkpoint_every = 2
+  straight = pretrain.train(config, str(tmp_path / "a"), "cmd")
+  config.train.steps = 2
+  pretrain.train(config, str(tmp_path / "b"))
+  config.train.steps = 3
+  resumed = pretrain.train(config, str(tmp_path / "b"))
+  a = load_file(os.path.join(straight, "model.safetensors"))
+  b = load_file(os.path.join(resumed, "model.safetensors"))
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name])
+  log = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+  assert [r["step"] for r in log] == [1, 2, 3]
+  assert json.load(open(os.path.join(straight, "config.json")))["command"] == "cmd"
+  # The exported directory loads as the generator's weights.
+  model, cfg = pretrain.load_model(straight)
+  assert cfg.num_layers == 1 and cfg.image_size == 32
+  assert np.abs(np.asarray(model.transformer.proj_out.kernel[...])).max() > 0
+
+
+@pytest.mark.slow
+def test_base_model_renders_training_words():
+  from mgrpo_jax.data import synthetic_text as st  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax.rewards.ocr import OcrReward  # pylint: disable=import-outside-toplevel
+  model, cfg = pretrain.load_model(tiny_pixel.ASSET_DIR)
+  pairs = st.train_pairs()[:8]
+  prompts = [st.prompt_for(w, c) for w, c in pairs]
+  images = pretrain.sample_images(model, cfg, prompts, 0, 10, 4.5, 3.0, batch_size=8)
+  ocr = OcrReward()
+  scores = [ocr.score_one(im, p, {"text": w}) for im, p, (w, _) in zip(images, prompts, pairs)]
+  # Text is there (pure noise or blank images score 0); most words partly right.
+  assert np.mean(scores) > 0.2
