@@ -114,10 +114,12 @@ BF16, F16, F32 = jnp.bfloat16, jnp.float16, jnp.float32
 
 
 @pytest.mark.parametrize("platform,dtype,head_dim,kv,mask,expected", [
-    (H100, BF16, 64, 1357, False, "cudnn"),        # SD3.5-M: 24 heads x 64, 1024 + 333 tokens
+    (H100, BF16, 64, 1357, False, "cudnn_fwd_xla_bwd"),  # SD3.5-M: 24 x 64, 1024 + 333 tokens
+    (H100, BF16, 64, 1358, False, "cudnn"),        # even length: cuDNN's backward too
     (H100, F16, 128, 1536, False, "cudnn"),        # FLUX: 24 heads x 128
     (H100, BF16, 256, 1024, False, "cudnn"),       # Hopper allows head_dim up to 256
-    (A100, BF16, 64, 1357, False, "cudnn"),
+    (A100, BF16, 64, 1357, False, "cudnn_fwd_xla_bwd"),
+    (A100, BF16, 64, 1024, False, "cudnn"),
     (A100, BF16, 256, 1024, False, "xla"),         # pre-Hopper limit 128
     (H100, F32, 64, 1357, False, "xla"),           # cuDNN flash is half precision only
     (H100, BF16, 12, 1357, False, "xla"),          # head_dim not a multiple of 8
@@ -135,7 +137,7 @@ def test_auto_choice(platform, dtype, head_dim, kv, mask, expected):
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
   impl, reason = attention.select_implementation("auto", dtype, head_dim, kv, mask, platform)
   assert impl == expected
-  assert (reason is None) == (expected != "xla")
+  assert (reason is None) == (expected in ("cudnn", "splash"))
 
 
 def test_auto_fallback_reasons_name_the_cause():
@@ -148,6 +150,9 @@ def test_auto_fallback_reasons_name_the_cause():
   assert "mask" in why(BF16, 64, 77, True, H100)
   assert "NVIDIA" in why(BF16, 64, 1357, False, ROCM)
   assert "cpu" in why(BF16, 64, 1357, False, CPU)
+  assert "Q 1357, KV 1357" in why(BF16, 64, 1357, False, H100)
+  assert "Q 1025, KV 1024" in attention.select_implementation(
+      "auto", BF16, 64, 1024, False, H100, q_length=1025)[1]
 
 
 def test_explicit_choices_that_cannot_run_are_errors():
@@ -218,3 +223,108 @@ def test_config_reaches_every_attention_module():
   layers = [m for _, m in nnx.iter_modules(model)
             if isinstance(m, flux_transformer.FluxAttention)]
   assert len(layers) == 2 and all(m.attention == "cudnn" for m in layers)
+
+
+# ---- cuDNN forward, XLA backward (CPU stand-in for the kernel) ---------------------------------
+def numpy_attention_vjp(q, k, v, g):
+  """float64 reference gradients of sum(g * attention(q, k, v)) w.r.t. q, k, v (no mask)."""
+  q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
+  scale = 1.0 / np.sqrt(q.shape[-1])
+  logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  dv = np.einsum("bnts,btnh->bsnh", p, g)
+  dp = np.einsum("btnh,bsnh->bnts", g, v)
+  dlogits = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+  dq = np.einsum("bnts,bsnh->btnh", dlogits, k)
+  dk = np.einsum("bnts,btnh->bsnh", dlogits, q)
+  return dq, dk, dv
+
+
+def _fake_cudnn(calls):
+  """Stands in for jax's cuDNN call on CPU: XLA values, and jax's training-time check (its
+  forward rule raises for odd lengths, as fused_attention_stablehlo does on a GPU)."""
+
+  @jax.custom_vjp
+  def fake(q, k, v):
+    calls.append("forward")
+    return jax.nn.dot_product_attention(q, k, v)
+
+  def fwd(q, k, v):
+    calls.append("training forward")
+    if q.shape[1] % 2 or k.shape[1] % 2:
+      raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+    return jax.nn.dot_product_attention(q, k, v), (q, k, v)
+
+  def bwd(res, g):
+    calls.append("cudnn backward")
+    return jax.vjp(lambda *a: jax.nn.dot_product_attention(*a), *res)[1](g)
+
+  fake.defvjp(fwd, bwd)
+  return fake
+
+
+def test_numpy_attention_vjp_matches_jax_xla():
+  """The float64 reference gradient formula is right (checked against jax.vjp in float32)."""
+  q, k, v = _qkv(t=5, s=7)
+  g = _qkv(t=5, s=5, seed=1)[0]
+  _, vjp = jax.vjp(lambda *a: jax.nn.dot_product_attention(*a), q, k, v)
+  for ours, ref in zip(vjp(g), numpy_attention_vjp(q, k, v, g)):
+    np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_on_gpu_trains_at_odd_lengths_with_xla_backward(monkeypatch):
+  """On an (injected) H100 with the cuDNN call replaced by a stand-in that refuses odd lengths
+  in training like jax does: 'cudnn' fails to differentiate at 1 + 2k tokens (the SD3 failure),
+  'auto' runs the stand-in forward and XLA's backward, with values and gradients equal to the
+  float64 reference; even lengths keep the kernel's own backward."""
+  calls = []
+  monkeypatch.setattr(attention, "current_platform", lambda: H100)
+  monkeypatch.setattr(attention, "_cudnn_call", _fake_cudnn(calls))
+  monkeypatch.setattr(attention, "_logged", set())
+  q, k, v = _qkv(b=2, t=9, s=9, n=2, h=16, dtype=jnp.bfloat16)
+  g = _qkv(b=2, t=9, s=9, n=2, h=16, seed=1, dtype=jnp.bfloat16)[0]
+  loss = lambda impl: (lambda q, k, v: jnp.sum(
+      g.astype(jnp.float32)
+      * attention.dot_product_attention(q, k, v, implementation=impl).astype(jnp.float32)))
+
+  with pytest.raises(NotImplementedError, match="Q 9, KV 9"):
+    jax.grad(loss("cudnn"), argnums=(0, 1, 2))(q, k, v)
+
+  calls.clear()
+  out = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v))(q, k, v)
+  assert calls == ["forward"]                                  # sampling: the kernel alone
+  np.testing.assert_allclose(np.asarray(out, np.float32), numpy_attention(q, k, v),
+                             rtol=2e-2, atol=2e-2)
+  calls.clear()
+  grads = jax.jit(jax.grad(loss("auto"), argnums=(0, 1, 2)))(q, k, v)
+  assert calls == ["forward"]                                  # no cuDNN training path, no bwd
+  for ours, ref in zip(grads, numpy_attention_vjp(q, k, v, g)):
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=3e-2, atol=3e-2)
+  # Same gradient as differentiating the XLA attention itself (the backward is its VJP).
+  for ours, xla in zip(grads, jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(xla, np.float32),
+                               rtol=1e-2, atol=1e-2)
+
+  calls.clear()
+  q2, k2, v2 = _qkv(b=2, t=8, s=10, n=2, h=16, dtype=jnp.bfloat16)
+  g2 = _qkv(b=2, t=8, s=8, n=2, h=16, seed=1, dtype=jnp.bfloat16)[0]
+  grads = jax.grad(lambda q, k, v: jnp.sum(g2.astype(jnp.float32) * attention.dot_product_attention(
+      q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))(q2, k2, v2)
+  assert calls == ["training forward", "cudnn backward"]
+  for ours, ref in zip(grads, numpy_attention_vjp(q2, k2, v2, g2)):
+    np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_auto_logs_the_backward_fallback_once(monkeypatch, caplog):
+  monkeypatch.setattr(attention, "current_platform", lambda: H100)
+  monkeypatch.setattr(attention, "_cudnn_call", _fake_cudnn([]))
+  monkeypatch.setattr(attention, "_logged", set())
+  q, k, v = _qkv(t=9, s=9, dtype=jnp.bfloat16)
+  with caplog.at_level(logging.INFO, logger=attention.__name__):
+    for _ in range(2):
+      attention.dot_product_attention(q, k, v)
+  records = [r for r in caplog.records if r.name == attention.__name__]
+  assert len(records) == 1 and records[0].levelno == logging.WARNING
+  assert "uses 'cudnn_fwd_xla_bwd'" in records[0].getMessage()

@@ -16,7 +16,10 @@ Implementations (the `attention` field of the transformer configs and model sett
             the kernel runs per shard inside `shard_map` (batch over data/fsdp, heads over
             tensor). Not importable or runnable elsewhere; it is only imported when chosen.
   "auto"    the fastest of the above that supports the backend, dtype, shape and mask, else "xla";
-            the reason for a fallback is logged once per distinct reason, not per call.
+            the reason for a fallback is logged once per distinct reason, not per call. On an
+            NVIDIA GPU with an odd query or key length (SD3: 1,024 image + 333 text tokens),
+            "auto" runs "cudnn_fwd_xla_bwd": the cuDNN forward with XLA's backward, recomputed
+            (cuDNN's backward refuses odd lengths, see `cudnn_backward_unsupported`).
 
 An explicit "cudnn" or "splash" that cannot run raises a ValueError naming why, rather than silently
 running something else. The choice is made at trace time from static shapes and dtypes, so it costs
@@ -129,9 +132,26 @@ def splash_unsupported(platform: Platform, kv_length: int, has_mask: bool,
   return None
 
 
+def cudnn_backward_unsupported(q_length: int, kv_length: int) -> str | None:
+  """Why cuDNN's flash attention cannot be differentiated at these lengths, or None.
+
+  jax checks the pattern again when the cuDNN call is differentiated (`check_is_flash_attention`
+  with is_training=True in jax/_src/cudnn/fused_attention_stablehlo.py, jax 0.10.2 and later):
+  its forward rule always passes a bias (an empty placeholder when there is none), and with a
+  bias the backward needs even query and key lengths. That raised "Unsupported sequence length
+  Q 1357, KV 1357" in the SD3.5-M LoRA step. The other training-only conditions there (FP8,
+  packed segments, head dims of q and v differing) never apply to the calls made here.
+  """
+  if q_length % 2 or kv_length % 2:
+    return (f"cuDNN's backward needs even sequence lengths (Q {q_length}, KV {kv_length}): "
+            "cuDNN forward, XLA backward (recomputed)")
+  return None
+
+
 def select_implementation(requested: str, dtype, head_dim: int, kv_length: int,
                           has_mask: bool = False,
-                          platform: Platform | None = None) -> tuple[str, str | None]:
+                          platform: Platform | None = None,
+                          q_length: int | None = None) -> tuple[str, str | None]:
   """Resolves `requested` to the implementation that will run, and why "auto" fell back.
 
   Args:
@@ -141,10 +161,15 @@ def select_implementation(requested: str, dtype, head_dim: int, kv_length: int,
     kv_length: keys per sequence.
     has_mask: a boolean mask is passed.
     platform: defaults to `current_platform()`.
+    q_length: queries per sequence; defaults to kv_length (self-attention).
 
   Returns:
-    (implementation, reason): reason is None unless "auto" settled for "xla" (then it says why
-    the fused kernel of this backend was not used).
+    (implementation, reason): implementation is one of IMPLEMENTATIONS other than "auto", or
+    "cudnn_fwd_xla_bwd" (only from "auto": the cuDNN forward with the XLA attention's backward,
+    because cuDNN's backward refuses these lengths). reason is None unless "auto" settled for
+    less than the fused kernel of this backend: "xla" (why the kernel was not used) or
+    "cudnn_fwd_xla_bwd" (why the backward is not cuDNN's). An explicit "cudnn" is taken as
+    asked: differentiating it at odd lengths raises jax's NotImplementedError.
 
   Raises:
     ValueError: unknown name, or an explicit "cudnn"/"splash" that cannot run (naming why).
@@ -166,21 +191,24 @@ def select_implementation(requested: str, dtype, head_dim: int, kv_length: int,
   # auto
   if platform.backend == "gpu":
     why = cudnn_unsupported(platform, dtype, head_dim, has_mask)
-    return ("cudnn", None) if why is None else ("xla", why)
+    if why is not None:
+      return "xla", why
+    why = cudnn_backward_unsupported(kv_length if q_length is None else q_length, kv_length)
+    return ("cudnn", None) if why is None else ("cudnn_fwd_xla_bwd", why)
   if platform.backend == "tpu":
     why = splash_unsupported(platform, kv_length, has_mask, for_auto=True)
     return ("splash", None) if why is None else ("xla", why)
   return "xla", f"no fused attention kernel for backend {platform.backend}"
 
 
-def _log_fallback(reason: str, platform: Platform) -> None:
+def _log_fallback(impl: str, reason: str, platform: Platform) -> None:
   key = (platform.backend, reason)
   if key in _logged:
     return
   _logged.add(key)
   # On CPU XLA is the expected choice; on an accelerator a fallback costs speed, so say it louder.
   level = logging.INFO if platform.backend == "cpu" else logging.WARNING
-  _log.log(level, "attention='auto' uses 'xla': %s", reason)
+  _log.log(level, "attention='auto' uses '%s': %s", impl, reason)
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
@@ -202,15 +230,60 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
   """
   platform = current_platform()
   impl, reason = select_implementation(implementation, query.dtype, query.shape[-1],
-                                       key.shape[1], mask is not None, platform)
+                                       key.shape[1], mask is not None, platform,
+                                       q_length=query.shape[1])
   if reason is not None:
-    _log_fallback(reason, platform)
+    _log_fallback(impl, reason, platform)
   if impl == "xla":
     # Exactly the call the models made before (implementation=None is XLA).
     return jax.nn.dot_product_attention(query, key, value, mask=mask)
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="cudnn")
+    return _cudnn_call(query, key, value)  # never masked (cudnn_unsupported)
+  if impl == "cudnn_fwd_xla_bwd":
+    return cudnn_forward_xla_backward(query, key, value)
   return splash_attention(query, key, value)
+
+
+# ---- cuDNN forward, XLA backward ----------------------------------------------------------------
+def _cudnn_call(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """The one place the cuDNN kernel is called (a module attribute, so CPU tests can stand in)."""
+  return jax.nn.dot_product_attention(query, key, value, implementation="cudnn")
+
+
+def _xla_call(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  return jax.nn.dot_product_attention(query, key, value)
+
+
+@jax.custom_vjp
+def cudnn_forward_xla_backward(query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+  """Unmasked attention whose forward is cuDNN's kernel and whose VJP is the XLA attention's.
+
+  Differentiating the cuDNN call itself fails at odd sequence lengths
+  (`cudnn_backward_unsupported`). Here the forward (sampling, and the training step's forward)
+  keeps the fused kernel and only q, k, v are saved; the backward recomputes the XLA attention
+  and takes its VJP: the gradient of the same function, at XLA's speed and memory for that part.
+  Undifferentiated calls are exactly the plain cuDNN call.
+
+  Args:
+    query: [B, T, N, H]; key, value: [B, S, N, H] (bfloat16/float16 for the real kernel).
+
+  Returns:
+    [B, T, N, H] in the query dtype.
+  """
+  return _cudnn_call(query, key, value)
+
+
+def _cudnn_xla_fwd(query, key, value):
+  # Called outside any JVP, so the cuDNN call is its inference path (no backward check).
+  return _cudnn_call(query, key, value), (query, key, value)
+
+
+def _cudnn_xla_bwd(residuals, grad_out):
+  _, vjp = jax.vjp(_xla_call, *residuals)
+  return vjp(grad_out)
+
+
+cudnn_forward_xla_backward.defvjp(_cudnn_xla_fwd, _cudnn_xla_bwd)
 
 
 # ---- TPU splash attention ------------------------------------------------------------------------
