@@ -62,6 +62,14 @@ def get_config(arg=None):
   config.sample.cps_logprob = "flow_grpo"
   # Steps [start, stop) sampled with the SDE and trained; (-1, -1) = all but the last step.
   config.sample.sde_window = (-1, -1)
+  # Moving SDE window: "fixed" (sde_window), "random" (Flow-GRPO-Fast: drawn per iteration) or
+  # "sliding" (MixGRPO: one step later every sde_window_every iterations, wrapping around).
+  config.sample.sde_window_mode = "fixed"
+  # Moving window: its length in steps and the [start, stop) range it stays in ((-1, -1) = all
+  # but the last step); one compiled sample/train function per position.
+  config.sample.sde_window_size = 3
+  config.sample.sde_window_range = (-1, -1)
+  config.sample.sde_window_every = 1
   # Classifier-free guidance scale (1.0 disables CFG).
   config.sample.guidance_scale = 4.5
   # Negative prompt for CFG.

@@ -8,7 +8,8 @@ Flow-GRPO ships no CFG-free text-rendering config; this applies the settings its
 configs share ([FG] config/grpo.py `geneval_sd3_fast_nocfg` and `pickscore_sd3_fast_nocfg`: no
 CFG, CPS with noise level 0.8, a 3-step SDE window in [0, 5), clip range 1e-5, beta 0, global std)
 to configs/sd35m_ocr_color.py. The group size and prompts per epoch stay OCR-Color's 24 and 48,
-which are also `geneval_sd3_fast_nocfg`'s. The tree's branch steps (1, 3) lie in the window [1, 4).
+which are also `geneval_sd3_fast_nocfg`'s. The tree uses the fixed window [1, 4) holding its branch
+steps (1, 3); the `flat` variant places the window at random as the source does.
 
 Variants: those of configs/sd35m_ocr_color.py (`flat`, `mixing`, `pickscore`, `aesthetic`).
 """
@@ -25,4 +26,9 @@ def get_config(arg=None):
   return apply_variants(config, arg, VARIANTS, "sd35m_ocr_color_nocfg")
 
 
-VARIANTS = dict(ocr.VARIANTS)
+def _flat(config):
+  """The Flow-GRPO-Fast baseline: independent trajectories, SDE window placed at random."""
+  pick_nocfg.flat_random_window(config)
+
+
+VARIANTS = dict(ocr.VARIANTS, flat=_flat)

@@ -11,7 +11,8 @@ only a short window of SDE steps early in the trajectory (the rest ODE, only win
 trained). Everything else is configs/sd35m_pickscore.py.
 
 Fields cite their source: [FG] Flow-GRPO's config/grpo.py `pickscore_sd3_fast_nocfg`;
-[ours] a choice of this library. Variant: `flat` (the Flow-GRPO baseline, 18 trajectories).
+[ours] a choice of this library. Variant: `flat` (the Flow-GRPO-Fast baseline: 18 independent
+trajectories, the 3-step window placed at random in [0, 5) every iteration).
 """
 
 from mgrpo_jax.config_utils import apply_variants, load_sibling
@@ -48,11 +49,14 @@ def apply_nocfg(config):
   config.sample.method = "cps"
   config.sample.noise_level = 0.8
   config.sample.cps_logprob = "flow_grpo"
-  # [FG] `sde_window_size = 3` inside `sde_window_range = (0, num_steps // 2)`: Flow-GRPO places
-  # the window at random each epoch. [ours] a fixed window [1, 4) (the middle of the three
-  # placements in [0, 5)) until moving windows are implemented; the tree's branch steps must
-  # lie inside it.
+  # [FG] `sde_window_size = 3` inside `sde_window_range = (0, num_steps // 2)`, placed at random
+  # each epoch: the `flat` variant does exactly that (`sde_window_mode = "random"`). [ours] the
+  # tree keeps the fixed window [1, 4) (the middle of the three placements in [0, 5)): its
+  # branch steps must lie inside every position of a moving window, and the three positions
+  # share only step 2.
   config.sample.sde_window = (1, 4)
+  config.sample.sde_window_size = 3
+  config.sample.sde_window_range = (0, config.sample.num_steps // 2)
   # [FG] PPO clip range 1e-5, no KL term (`beta = 0`), advantages divided by the std of all
   # samples (`global_std = True`).
   config.train.clip_range = 1e-5
@@ -60,4 +64,10 @@ def apply_nocfg(config):
   config.advantage.std = "global"
 
 
-VARIANTS = {"flat": pick.VARIANTS["flat"]}
+def flat_random_window(config):
+  """The Flow-GRPO-Fast baseline: independent trajectories, SDE window placed at random."""
+  config.tree.mode = "flat"
+  config.sample.sde_window_mode = "random"
+
+
+VARIANTS = {"flat": flat_random_window}

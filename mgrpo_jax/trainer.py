@@ -46,9 +46,20 @@ class Preempted(Exception):
 
 
 # ---- configuration -> static objects ----------------------------------------------------------
-def tree_spec_from_config(config: ml_collections.ConfigDict) -> TreeSpec:
+def tree_spec_from_config(config: ml_collections.ConfigDict, window=None) -> TreeSpec:
+  """The rollout shape; `window` (start, stop) overrides `sample.sde_window`.
+
+  With a moving window (`sample.sde_window_mode` other than "fixed") the default is the first
+  iteration's window.
+  """
   T = config.sample.num_steps
-  window = tuple(config.sample.sde_window)
+  mode = config.sample.get("sde_window_mode", "fixed")
+  if window is None and mode != "fixed":
+    window = schedule.moving_window(
+        0, mode=mode, size=config.sample.sde_window_size,
+        window_range=tuple(config.sample.sde_window_range), num_steps=T, seed=config.seed,
+        every=config.sample.sde_window_every)
+  window = tuple(config.sample.sde_window if window is None else window)
   mask = schedule.sde_step_mask(T, None if window == (-1, -1) else window)
   if config.tree.mode == "flat":
     return make_tree_spec(T, mask, num_roots=config.tree.group_size)
@@ -508,8 +519,6 @@ class Trainer:
     # Jitted functions, traced and run inside the mesh context so the models' activation
     # sharding hints apply.
     on_mesh = functools.partial(sharding_lib.with_mesh, mesh=self.mesh)
-    self.sample_fn = on_mesh(jax.jit(make_sample_fn(
-        self.policy, self.spec, self.sampler, self.sigmas, self.generator.latent_shape)))
     self.text_cache = None
     if config.sample.text_cache_size > 0:
       adapted = [".".join(str(k) for k in path)
@@ -519,22 +528,34 @@ class Trainer:
                          "and no lora.targets inside text_encoder*")
       self.text_cache = TextCache(int(config.sample.text_cache_size))
       self.encode_fn = on_mesh(jax.jit(make_encode_fn(self.policy)))
-      self.sample_from_cond_fn = on_mesh(jax.jit(make_sample_from_cond_fn(
-          self.policy, self.spec, self.sampler, self.sigmas, self.generator.latent_shape)))
     eval_spec = TreeSpec(config.sample.eval_num_steps, 1, (), (),
                          (False,) * config.sample.eval_num_steps)
     self.eval_fn = on_mesh(jax.jit(make_sample_fn(
         self.policy, eval_spec, self.sampler,
         generator_sigmas(self.generator, config, config.sample.eval_num_steps),
         self.generator.latent_shape)))
-    train_step = make_train_step(self.policy, self.tx, self.spec, self.sampler, self.sigmas,
-                                 config.train)
-    train_state_sh = {k: v for k, v in self.state_shardings.items() if k != "prompt_stats"}
-    self.train_step = on_mesh(jax.jit(train_step, donate_argnums=(0,),
-                                      out_shardings=(train_state_sh, None)))
     self.minibatch_fn = on_mesh(jax.jit(make_minibatch_fn(config.train.num_minibatches)))
-    self.advantage_fn = on_mesh(jax.jit(functools.partial(self._advantages, spec=self.spec,
-                                                          cfg=self.adv_cfg)))
+    # The functions that depend on the rollout shape, one set per SDE window: a moving window
+    # (sample.sde_window_mode) switches between them each iteration (`_use_window`). Every
+    # position's spec is built here, so a branch step outside some position is an error now.
+    self.window_mode = config.sample.sde_window_mode
+    if self.window_mode not in schedule.WINDOW_MODES:
+      raise ValueError(f"sample.sde_window_mode must be one of {schedule.WINDOW_MODES}, got "
+                       f"{self.window_mode!r}")
+    self._window_fns = {}
+    if self.window_mode != "fixed":
+      for window in schedule.window_positions(
+          size=config.sample.sde_window_size, window_range=tuple(config.sample.sde_window_range),
+          num_steps=config.sample.num_steps):
+        try:
+          tree_spec_from_config(config, window)
+        except ValueError as e:
+          raise ValueError(f"moving SDE window position {window}: {e}") from e
+      self.window = None
+      self._use_window(0)
+    else:
+      self.window = tuple(config.sample.sde_window)
+      self._set_spec_fns(self.spec)
 
     # Learned rewards run on the device next to the policy; the rest on the host thread pool.
     from mgrpo_jax.rewards import device as device_rewards  # pylint: disable=g-import-not-at-top
@@ -634,6 +655,42 @@ class Trainer:
   def _tokens(self, prompts):
     tokens = self.generator.tokenize(list(prompts))
     return sharding_lib.global_batch(tokens, self.mesh)
+
+  def _set_spec_fns(self, spec: TreeSpec):
+    """Jits the sampling, training and advantage functions of one rollout shape."""
+    config, on_mesh = self.config, functools.partial(sharding_lib.with_mesh, mesh=self.mesh)
+    self.spec = spec
+    self.sample_fn = on_mesh(jax.jit(make_sample_fn(
+        self.policy, spec, self.sampler, self.sigmas, self.generator.latent_shape)))
+    if self.text_cache is not None:
+      self.sample_from_cond_fn = on_mesh(jax.jit(make_sample_from_cond_fn(
+          self.policy, spec, self.sampler, self.sigmas, self.generator.latent_shape)))
+    train_step = make_train_step(self.policy, self.tx, spec, self.sampler, self.sigmas,
+                                 config.train)
+    train_state_sh = {k: v for k, v in self.state_shardings.items() if k != "prompt_stats"}
+    self.train_step = on_mesh(jax.jit(train_step, donate_argnums=(0,),
+                                      out_shardings=(train_state_sh, None)))
+    self.advantage_fn = on_mesh(jax.jit(functools.partial(self._advantages, spec=spec,
+                                                          cfg=self.adv_cfg)))
+
+  def _use_window(self, iteration: int):
+    """Moving SDE windows: selects the iteration's window and its (cached) jitted functions."""
+    if self.window_mode == "fixed":
+      return
+    cfg = self.config.sample
+    window = schedule.moving_window(
+        iteration, mode=self.window_mode, size=cfg.sde_window_size,
+        window_range=tuple(cfg.sde_window_range), num_steps=cfg.num_steps, seed=self.config.seed,
+        every=cfg.sde_window_every)
+    if window == self.window:
+      return
+    if window not in self._window_fns:
+      self._set_spec_fns(tree_spec_from_config(self.config, window))
+      self._window_fns[window] = (self.spec, self.sample_fn, getattr(
+          self, "sample_from_cond_fn", None), self.train_step, self.advantage_fn)
+    (self.spec, self.sample_fn, self.sample_from_cond_fn, self.train_step,
+     self.advantage_fn) = self._window_fns[window]
+    self.window = window
 
   def sample_and_score(self, iteration: int, timer):
     """Samples every batch of the iteration; rewards of batch b run while b + 1 samples."""
@@ -735,6 +792,7 @@ class Trainer:
 
   def train_iteration(self, iteration: int, timer) -> dict[str, float]:
     cfg = self.config
+    self._use_window(iteration)
     batches = self.sample_and_score(iteration, timer)
     with timer("advantages"):
       adv, summary = self.iteration_advantages(batches)

@@ -85,3 +85,56 @@ def sde_step_mask(num_steps: int, window: tuple[int, int] | None) -> np.ndarray:
   mask = np.zeros([num_steps], bool)
   mask[start:stop] = True
   return mask
+
+
+WINDOW_MODES = ("fixed", "random", "sliding")
+
+
+def moving_window(iteration: int, *, mode: str, size: int, window_range: tuple[int, int],
+                  num_steps: int, seed: int = 0, every: int = 1) -> tuple[int, int]:
+  """The SDE window [start, start + size) of a training iteration, for a moving window.
+
+  "random" is Flow-GRPO-Fast's placement: the start is drawn uniformly from the positions that
+  fit inside `window_range`, independently for every iteration, from a generator seeded by
+  (seed, iteration) so that a resumed run draws the same windows. "sliding" is MixGRPO's: the
+  window starts at the range's first step and moves one step later every `every` iterations;
+  after the last position it starts again at the first (our choice).
+
+  Args:
+    iteration: 0-based training iteration.
+    mode: "random" or "sliding".
+    size: window length in steps (>= 1).
+    window_range: [lo, hi) the window must stay in; (-1, -1) = [0, num_steps - 1).
+    num_steps: T.
+
+  Returns:
+    (start, stop) with lo <= start and stop = start + size <= hi.
+  """
+  lo, hi = window_range
+  if (lo, hi) == (-1, -1):
+    lo, hi = 0, num_steps - 1
+  if not 0 <= lo < hi <= num_steps:
+    raise ValueError(f"sample.sde_window_range {tuple(window_range)} must satisfy "
+                     f"0 <= lo < hi <= num_steps={num_steps}")
+  if not 1 <= size <= hi - lo:
+    raise ValueError(f"sample.sde_window_size={size} must be in [1, {hi - lo}] for "
+                     f"sde_window_range {tuple(window_range)}")
+  positions = hi - lo - size + 1
+  if mode == "random":
+    start = lo + int(np.random.default_rng([seed, iteration]).integers(positions))
+  elif mode == "sliding":
+    if every < 1:
+      raise ValueError(f"sample.sde_window_every must be >= 1, got {every}")
+    start = lo + (iteration // every) % positions
+  else:
+    raise ValueError(f"moving window mode must be 'random' or 'sliding', got {mode!r}")
+  return start, start + size
+
+
+def window_positions(*, size: int, window_range: tuple[int, int],
+                     num_steps: int) -> list[tuple[int, int]]:
+  """Every window a moving window can take (one compiled sample/train function each)."""
+  lo, hi = window_range
+  if (lo, hi) == (-1, -1):
+    lo, hi = 0, num_steps - 1
+  return [(s, s + size) for s in range(lo, hi - size + 1)]
