@@ -573,6 +573,7 @@ def test_kill_at_every_point_then_resume_and_extend(tmp_path):
     assert ckpt_lib.committed_steps(run) == committed, point
   res = train(run, 3)
   assert res.returncode == 0, res.stderr[-3000:]
+  assert "taking over a stale lock" in res.stderr  # the kill -9 before it left its record
   assert steps(run) == [1, 2, 3]
 
   # Rerunning the finished run does nothing; raising num_iterations extends it.
@@ -582,6 +583,7 @@ def test_kill_at_every_point_then_resume_and_extend(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert "resuming from the checkpoint of iteration 3" in res.stderr
   assert steps(run) == [1, 2, 3, 4]
+  assert "stale" not in res.stderr and open(os.path.join(run, "lock")).read() == ""
   step_a, a = ckpt_lib.load_numpy(straight)
   step_b, b = ckpt_lib.load_numpy(run)
   assert step_a == step_b == 4
