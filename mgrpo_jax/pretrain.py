@@ -2,6 +2,7 @@ r"""Flow-matching pretraining of the tiny pixel-space text renderer on synthetic
 
   python -m mgrpo_jax.pretrain --workdir /tmp/tiny_text --seed 0
   python -m mgrpo_jax.pretrain --eval --weights mgrpo_jax/assets/tiny_text_renderer
+  python -m mgrpo_jax.pretrain --run /tmp/mgrpo_tiny --run_step 12   # a main-job checkpoint
 
 Training (`--workdir`): rectified flow on `data.synthetic_text` batches. For an image x0 in
 [-1, 1] and noise eps, sigma ~ logit-normal(0, 1), x = (1 - sigma) x0 + sigma eps, and the model
@@ -281,11 +282,49 @@ def evaluate(weights_dir: str, split: str = "heldout", seed: int = 0, num_steps:
           "color_correct": float((color_scores >= 1).mean())}
 
 
+def evaluate_run(config_path: str, workdir: str, step: int, split: str = "heldout",
+                 seed: int = 0, out: str = "") -> dict[str, Any]:
+  """`mgrpo-eval` of a main-job checkpoint on a synthetic split other than its training prompts.
+
+  mgrpo-eval renders the prompts of the config's dataset, and restoring a checkpoint also
+  restores its prompt loader, which refuses a prompt file of another length; so the Trainer is
+  built on the run's own (training) prompts and `evaluate.evaluate` is given the split's
+  records. `step` 0 evaluates the initial (pretrained) model.
+  """
+  import tempfile  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax.config_utils import load_sibling  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  path, _, variant = config_path.partition(":")
+  config = load_sibling(path, os.path.splitext(os.path.basename(path))[0]).get_config(
+      variant or None)
+  records = prompts_lib.load_prompts(synthetic_text.prompt_csv(split))
+  with tempfile.TemporaryDirectory() as empty:
+    trainer = trainer_lib.Trainer(config, empty if step == 0 else workdir, inference=True,
+                                  step=step if step > 0 else None)
+    try:
+      out = out or os.path.join(workdir, f"eval_{split}_{step:06d}_seed{seed}")
+      result = evaluate_lib.evaluate(trainer, records, out, seed=seed)
+    finally:
+      trainer.close()
+  print(evaluate_lib.markdown(result, f"{split}, iteration {result['iteration']}, seed {seed}"))
+  print(f"wrote {out}", flush=True)
+  return result
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f"pretrain: unexpected arguments {argv[1:]}")
+  if FLAGS.run:
+    from absl import logging  # pylint: disable=import-outside-toplevel
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every restore phase at INFO
+    evaluate_run(FLAGS.run_config, FLAGS.run, FLAGS.run_step, FLAGS.split, FLAGS.seed,
+                 FLAGS.grid)
+    return
   if FLAGS.eval:
     result = evaluate(FLAGS.weights, FLAGS.split, FLAGS.seed, FLAGS.num_steps, FLAGS.guidance,
                       FLAGS.shift, FLAGS.grid)
@@ -311,7 +350,15 @@ def run():
   flags.DEFINE_integer("num_steps", 10, "Evaluation: ODE steps.")
   flags.DEFINE_float("guidance", 4.5, "Evaluation: classifier-free guidance scale.")
   flags.DEFINE_float("shift", 3.0, "Evaluation: SD3 timestep shift of the schedule.")
-  flags.DEFINE_string("grid", "", "Evaluation: write the images to this PNG.")
+  flags.DEFINE_string("grid", "", "Evaluation: write the images to this PNG (--run: the output "
+                      "directory).")
+  flags.DEFINE_string("run", "", "Evaluate this mgrpo-train workdir's checkpoint on --split "
+                      "instead (held-out prompts of the main job).")
+  flags.DEFINE_string("run_config", os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+      "tiny_ocr_color.py"), "--run: the run's config file (':variant' allowed).")
+  flags.DEFINE_integer("run_step", -1, "--run: iteration of the checkpoint (0: the initial "
+                       "model, -1: the latest).")
   app.run(main, argv=sys.argv)
 
 
