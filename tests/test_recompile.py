@@ -15,6 +15,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
+def test_compile_event_counts_each_new_compilation():
+  """The event the slow test listens to: once per new shape, never for a cached one."""
+  names = []
+  listener = lambda event, duration, **kw: names.append(kw.get("fun_name")) \
+      if event == COMPILE_EVENT else None
+  f = jax.jit(lambda x: x * 2 + 1)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    f(jax.numpy.ones(3))
+    f(jax.numpy.ones(3))                               # cached: no event
+    f(jax.numpy.ones(5))                               # new shape: compiles again
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert names.count("jit(<lambda>)") == 2
+
+
 @pytest.mark.slow
 def test_no_compilation_after_the_first_iteration(tmp_path):
   """Three iterations of configs/tiny_jpeg.py on the 8 simulated devices (data parallel, two
