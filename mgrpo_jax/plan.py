@@ -373,8 +373,8 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
         m = -(-spec.num_transitions // nmb)
         pad = nmb * m - spec.num_transitions
         plan.add("minibatch", f"{nmb} per batch, {per_dev * m} transitions per device "
-                 f"({m} per prompt" + (f", {pad} padding rows of {nmb * m} per prompt" if pad
-                                       else "") + ")")
+                 f"({m} per prompt" + (f"; {pad} padding row{'s' if pad > 1 else ''} per "
+                                       f"prompt" if pad else "") + ")")
         plan.facts.update(transitions_per_minibatch_per_device=per_dev * m, padding_rows=pad)
   if spec is not None and not 1 <= nmb <= spec.num_transitions:
     plan.problem("train.num_minibatches", f"{nmb} must be between 1 and the "

@@ -92,7 +92,15 @@ def test_flux_pickscore_config_has_flow_grpos_flux_settings():
   assert config.model.name == "flux" and config.model.guidance == 3.5
   assert config.sample.num_steps == 6 and config.sample.eval_num_steps == 28
   assert config.sample.guidance_scale == 1.0 and config.sample.noise_level == 0.9
-  assert config.train.beta == 0.0 and config.advantage.per_prompt_history
+  # Flow-GRPO clears its per-prompt tracker every epoch: its groups are our leaf groups, not a
+  # run-long history. LoRA r=64 / alpha=128 including the feed-forward layers (train_flux.py).
+  assert config.train.beta == 0.0 and not config.advantage.per_prompt_history
+  assert config.lora.rank == 64 and config.lora.alpha == 128.0
+  assert any("proj_in" in t for t in config.lora.targets)
+  # Two optimizer updates per iteration, as Flow-GRPO's accumulation over half an epoch makes.
+  updates = (config.sample.batches_per_iteration * config.train.num_minibatches
+             // config.train.grad_accum_steps)
+  assert updates == 2
   spec = trainer.tree_spec_from_config(config)
   assert spec.num_leaves == 24 and max(config.tree.branch_steps) < 6
   assert config.data.prompts_per_batch * config.sample.batches_per_iteration == 48
@@ -100,3 +108,12 @@ def test_flux_pickscore_config_has_flow_grpos_flux_settings():
   from mgrpo_jax.models import registry
   with pytest.raises(ValueError, match="config.model.path is empty"):
     registry.get_generator(config.model)
+
+
+def test_variants_combine_and_unknown_ones_are_named():
+  module = load_sibling(os.path.join(ROOT, "configs", "sd35m_ocr_color.py"), "sd35m_ocr_color")
+  both = module.get_config("flat,pickscore")
+  assert both.tree.mode == "flat" and both.reward.names == ("ocr", "text_color", "pickscore")
+  assert module.get_config("mixing").advantage.mode == "reward_mixing"
+  with pytest.raises(ValueError, match="unknown variant 'flatt'.*known"):
+    module.get_config("flatt")
