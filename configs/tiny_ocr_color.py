@@ -19,7 +19,7 @@ Variant `runlocal`: the random tiny model (`tiny`, 2 blocks) on the same prompts
 steps: a smoke run for tests, not a learning run.
 """
 
-from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.config_utils import apply_variants, load_sibling
 from mgrpo_jax.data import synthetic_text
 from mgrpo_jax.models import registry
 
@@ -60,19 +60,22 @@ def get_config(arg=None):
   config.log.eval_every = 12
   config.log.num_eval_prompts = 8
   config.log.checkpoint_every = 12
-  if arg == "runlocal":
-    config.model = registry.default_tiny_model_config()
-    config.sample.num_steps = 4
-    config.sample.eval_num_steps = 4
-    config.sample.sde_window = (-1, -1)
-    config.tree.branch_steps = (0, 1)
-    config.sample.batches_per_iteration = 1
-    config.train.num_iterations = 2
-    config.train.num_minibatches = 1
-    config.log.eval_every = 1
-    config.log.num_eval_prompts = 4
-    config.log.checkpoint_every = 1
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of tiny_ocr_color; expected 'runlocal' or none")
-  return config
+  return apply_variants(config, arg, VARIANTS, "tiny_ocr_color")
 
+
+def _runlocal(config):
+  """The random tiny model (2 blocks) on the same prompts, a few steps: a smoke run for tests."""
+  config.model = registry.default_tiny_model_config()
+  config.sample.num_steps = 4
+  config.sample.eval_num_steps = 4
+  config.sample.sde_window = (-1, -1)
+  config.tree.branch_steps = (0, 1)
+  config.sample.batches_per_iteration = 1
+  config.train.num_iterations = 2
+  config.train.num_minibatches = 1
+  config.log.eval_every = 1
+  config.log.num_eval_prompts = 4
+  config.log.checkpoint_every = 1
+
+
+VARIANTS = {"runlocal": _runlocal}
