@@ -221,8 +221,10 @@ def _check_weight_files(path: str, plan: Plan) -> None:
   except (OSError, ValueError):
     return  # the generator has reported it
   for component, value in index.items():
-    if component.startswith("_") or not isinstance(value, list) or component in (
-        "scheduler",) or component.startswith("tokenizer"):
+    # Only networks with weights: not the scheduler or tokenizers, nor components the pipeline
+    # lists as absent ([null, null], e.g. SD3's image_encoder).
+    if (component.startswith("_") or not isinstance(value, list) or None in value
+        or component == "scheduler" or component.startswith(("tokenizer", "feature_extractor"))):
       continue
     folder = os.path.join(path, component)
     if not os.path.isdir(folder) or not any(f.endswith((".safetensors", ".safetensors.index.json"))
