@@ -326,6 +326,9 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    # The minibatch's weight in the epoch's metrics: its loss divisor (see `_mean_metrics`).
+    metrics["minibatch_weight"] = (batch["normalizer"] if "normalizer" in batch
+                                   else batch["keep"].sum()).astype(jnp.float32)
     new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
     if "ema" in state:
       # EMA of the trained weights (Flow-GRPO evaluates with it), updated after every
@@ -403,19 +406,24 @@ def make_minibatch_fn(num_minibatches: int):
 def _mean_metrics(metrics_list) -> dict[str, float]:
   """Epoch metrics from a list of per-minibatch metric dicts (one device_get for all of them).
 
-  Scalars are averaged over minibatches, which is exact because every minibatch divides by the
-  same normalizer; per-step sums are added before dividing.
+  Scalars are averaged over minibatches weighted by their loss divisors (`minibatch_weight`):
+  every minibatch's weighted means divide by its batch's kept weight / num_minibatches, so this
+  is the weighted mean over every kept transition of the epoch, and batches whose transitions
+  were all dropped count for nothing. Per-step sums are added before dividing.
   """
   if not metrics_list:
     return {}
   host = jax.device_get(metrics_list)
   stacked = {name: np.stack([np.asarray(m[name], np.float64) for m in host]) for name in host[0]}
+  weight = stacked.pop("minibatch_weight", np.ones(len(host)))
+  total = weight.sum()
+  average = lambda v: float((v * weight).sum() / total) if total > 0 else 0.0
   out = {}
   for name, values in stacked.items():
     if values.ndim == 1:
-      out[f"train/{name}"] = float(values.mean())
+      out[f"train/{name}"] = average(values)
   if "ratio_sq_mean" in stacked:
-    mean, sq = stacked["ratio_mean"].mean(), stacked.pop("ratio_sq_mean").mean()
+    mean, sq = average(stacked["ratio_mean"]), average(stacked.pop("ratio_sq_mean"))
     out.pop("train/ratio_sq_mean")
     out["train/ratio_std"] = float(np.sqrt(max(sq - mean**2, 0.0)))
   if "count_per_step" in stacked:

@@ -41,7 +41,9 @@ def _eval(workdir, out, devices, dataset, rewards):
   weights = "(" + ",".join("1.0" for _ in rewards) + ",)"
   split = "test"
   cmd = [sys.executable, "-m", "mgrpo_jax.evaluate", f"--config={TINY}:runlocal",
-         f"--checkpoint={workdir}", f"--out={out}", "--num_prompts=16", f"--split={split}",
+         # No run in the workdir: --init evaluates the untrained model (refused without it).
+         f"--checkpoint={workdir}", "--init", f"--out={out}", "--num_prompts=16",
+         f"--split={split}",
          f"--config.data.dataset={dataset}", f"--config.reward.names={names}",
          f"--config.reward.weights={weights}", "--config.data.prompts_per_batch=8"]
   res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
