@@ -80,8 +80,9 @@ def test_every_shipped_experiment_runs_an_iteration(tmp_path):
     metrics = lines[0]
     assert np.isfinite(metrics["train/loss"]), (name, variant)
     if metrics["advantage/kept_fraction"] > 0:
-      # Nothing was updated before the first re-scoring: the importance ratio is 1.
-      assert abs(metrics["train/ratio_mean"] - 1.0) < 1e-3, (name, variant)
+      # The first half of the minibatches is re-scored before any update (ratio exactly 1), the
+      # second half after the first of the iteration's two updates (ratio 1 +- ~1e-3 here).
+      assert abs(metrics["train/ratio_mean"] - 1.0) < 1e-2, (name, variant)
     else:  # random images: OCR and colour rewards all 0, every group dropped as in Flow-GRPO
       assert metrics["train/loss"] == 0.0, (name, variant)
     # Every stored transition was trained: minibatches of the shipped count, padded as needed.
