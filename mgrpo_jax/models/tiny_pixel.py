@@ -142,7 +142,7 @@ def _zero(linear: nnx.Linear):
     linear.bias[...] = jnp.zeros_like(linear.bias[...])
 
 
-class TinyPixelT2I(nnx.Module):
+class TinyPixelT2I(tiny_mmdit.TinyT2I):
   """The pixel-space text renderer (implements `models.base.FlowModel`)."""
 
   def __init__(self, cfg: TinyPixelConfig, *, rngs: nnx.Rngs):
@@ -160,14 +160,8 @@ class TinyPixelT2I(nnx.Module):
     _zero(self.transformer.norm_out.linear)
     _zero(self.transformer.proj_out)
 
-  def encode_text(self, tokens: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """{'input_ids': int32 [B, L]} -> {'hidden': [B, L, D], 'pooled': [B, pooled_dim]}."""
-    hidden, pooled = self.text_encoder(tokens["input_ids"])
-    return {"hidden": hidden, "pooled": pooled}
-
-  def velocity(self, x: jax.Array, sigma: jax.Array, cond: dict[str, Any]) -> jax.Array:
-    """x [B, 32, 32, 3], sigma [B], cond from encode_text -> velocity [B, 32, 32, 3] float32."""
-    return self.transformer(x, sigma, cond["hidden"], cond["pooled"])
+  # encode_text and velocity are TinyT2I's (same text encoder and transformer); only the
+  # construction and the pixel decoder differ.
 
   def decode(self, latents: jax.Array) -> jax.Array:
     """Pixels [B, s, s, 3] in [-1, 1] -> images [B, s*k, s*k, 3] float32 in [0, 1] (bicubic)."""
