@@ -124,6 +124,13 @@ def get_config(arg=None):
   config.advantage.clip = 5.0
   # Zero loss weight for groups whose advantages are all zero.
   config.advantage.drop_zero_groups = False
+  # BranchGRPO's pruning (only loss weights change; sampling is untouched). Branchings (a
+  # parent's children, or a prompt's roots) whose values spread by less than this, max - min in
+  # reward units for every reward, are not trained (0 = off). A lone root always is such one.
+  config.advantage.prune_spread = 0.0
+  # Tree levels whose transitions are trained, e.g. (1, 2); () = all. Level 0 = the roots'
+  # steps, level j = the steps from tree.branch_steps[j-1] to the next branch step.
+  config.advantage.train_levels = ()
   # Normalise leaf rewards with each prompt's reward history over the whole run. Not Flow-GRPO's
   # stat tracker, which is cleared every epoch (= the default per-prompt leaf groups).
   config.advantage.per_prompt_history = False

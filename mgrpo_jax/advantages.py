@@ -16,6 +16,10 @@ Definitions (P prompts, L leaves per prompt, K rewards, TreeSpec numbering of no
   advantage of a transition     = advantage of the node that owns it (leaves own the steps after
                                   the last branch step, so those use the leaf advantage), clipped
                                   to [-clip, clip].
+Pruning (BranchGRPO, arXiv 2509.06040; both only set `keep`, the loss weight of transitions):
+  branch pruning                = a branching whose children's values spread by less than
+                                  `prune_spread` trains none of those children's transitions;
+  level selection               = only the transitions of `train_levels` are trained.
 A flat rollout is a tree with one level, where this is exactly Flow-GRPO's per-prompt GRPO.
 Scope "leaf" turns temporal groups off: a node's advantage is then the mean of its leaves'
 advantages (every transition of a trajectory shares the trajectory's credit).
@@ -50,6 +54,13 @@ class AdvantageConfig:
     weights: one weight per reward, in the order of the rewards' last axis.
     drop_zero_groups: give zero loss weight to transitions whose group's advantages are all 0
       (e.g. every image of a prompt got the same reward), as Flow-GRPO filters such groups.
+    prune_spread: BranchGRPO-style branch pruning (0 = off). A branching (the children of one
+      parent, or a prompt's roots) whose node values differ by less than this (max - min over
+      the siblings, in reward units, for every reward) told the policy nothing; its nodes'
+      transitions get zero loss weight. A single root is such a branching. Their advantages
+      would be noise amplified by the group std.
+    train_levels: tree levels whose transitions are trained (BranchGRPO's depth selection);
+      () = all. Level 0 holds the roots' steps, level j the steps from branch step j-1 on.
   """
 
   mode: str = "reward_groups"
@@ -59,6 +70,8 @@ class AdvantageConfig:
   clip: float = 5.0
   weights: tuple[float, ...] = (1.0,)
   drop_zero_groups: bool = False
+  prune_spread: float = 0.0
+  train_levels: tuple[int, ...] = ()
 
   def __post_init__(self):
     for name, value, allowed in (("mode", self.mode, MODES), ("scope", self.scope, SCOPES),
@@ -67,6 +80,18 @@ class AdvantageConfig:
         raise ValueError(f"advantage {name} {value!r} unknown; expected one of {allowed}")
     if self.clip <= 0:
       raise ValueError(f"advantage clip must be > 0, got {self.clip}")
+    if not self.prune_spread >= 0:
+      raise ValueError(f"advantage prune_spread must be >= 0 (0 = off), got {self.prune_spread}")
+    levels = tuple(self.train_levels)
+    if any(int(j) != j or j < 0 for j in levels) or len(set(levels)) != len(levels):
+      raise ValueError(f"advantage train_levels must be distinct levels >= 0, got {levels}")
+
+  def check_tree(self, spec: TreeSpec) -> None:
+    """Raises ValueError if the settings do not fit the tree `spec`."""
+    bad = [j for j in self.train_levels if j >= spec.num_levels]
+    if bad:
+      raise ValueError(f"advantage train_levels {tuple(self.train_levels)}: the tree has levels "
+                       f"0..{spec.num_levels - 1} only (levels {bad} do not exist)")
 
 
 # ---- segment primitives ------------------------------------------------------------------------
@@ -219,6 +244,35 @@ def stats_rewards(rewards: jax.Array, cfg: AdvantageConfig) -> jax.Array:
   return rewards
 
 
+def informative_branches(values: jax.Array, spec: TreeSpec, min_spread: float) -> jax.Array:
+  """Which nodes belong to a branching whose values spread by at least `min_spread`.
+
+  Args:
+    values: [P, N, K] node values (`node_values`).
+    spec: the tree.
+    min_spread: threshold on max - min over siblings, per reward.
+
+  Returns:
+    [P, N] float32, 1 where some reward's spread over the node's siblings (the children of its
+    parent; the prompt's roots for level 0) is >= min_spread, else 0.
+  """
+  num_prompts, n_nodes, k = values.shape
+  ids, num_groups = _group_ids(spec, "siblings", num_prompts)
+  ids = jnp.asarray(ids.reshape(-1))
+  flat = values.reshape(-1, k)
+  spread = (jax.ops.segment_max(flat, ids, num_groups)
+            - jax.ops.segment_min(flat, ids, num_groups))  # [groups, K]
+  informative = (spread >= min_spread).any(-1).astype(jnp.float32)
+  return informative[ids].reshape(num_prompts, n_nodes)
+
+
+def level_mask(spec: TreeSpec, levels: tuple[int, ...]) -> np.ndarray:
+  """[N] float32 constant: 1 for nodes on `levels` (all nodes if levels is empty)."""
+  if not levels:
+    return np.ones([spec.num_nodes], np.float32)
+  return np.isin(spec.node_level, np.asarray(levels)).astype(np.float32)
+
+
 class Advantages(NamedTuple):
   """Output of `compute_advantages`.
 
@@ -226,7 +280,8 @@ class Advantages(NamedTuple):
     transitions: [P, M] float32, clipped advantage of each stored transition.
     nodes: [P, N] float32, combined (unclipped) advantage of each node.
     values: [P, N, K] float32, node values per reward.
-    keep: [P, M] float32, 1 for transitions to train, 0 for dropped zero-advantage groups.
+    keep: [P, M] float32, 1 for transitions to train, 0 for dropped zero-advantage groups,
+      pruned branches and levels outside `train_levels`.
   """
 
   transitions: jax.Array
@@ -263,14 +318,18 @@ def compute_advantages(rewards: jax.Array, spec: TreeSpec, cfg: AdvantageConfig,
   node_adv = (per_reward * weights).sum(-1)  # [P, N]
   trans_nodes = jnp.asarray(spec.transition_node)
   trans_adv = jnp.clip(node_adv[:, trans_nodes], -cfg.clip, cfg.clip)
+  keep_node = jnp.ones_like(node_adv)
   if cfg.drop_zero_groups:
     ids, num_groups = _group_ids(spec, "level" if cfg.scope == "leaf" else cfg.scope,
                                  rewards.shape[0])
     ids = jnp.asarray(ids.reshape(-1))
     nonzero = jax.ops.segment_max((jnp.abs(node_adv) > 1e-6).reshape(-1).astype(jnp.float32),
                                   ids, num_groups)
-    keep_node = nonzero[ids].reshape(node_adv.shape)
-    keep = keep_node[:, trans_nodes]
-  else:
-    keep = jnp.ones_like(trans_adv)
+    keep_node = keep_node * nonzero[ids].reshape(node_adv.shape)
+  if cfg.prune_spread > 0:
+    keep_node = keep_node * informative_branches(values, spec, cfg.prune_spread)
+  if cfg.train_levels:
+    cfg.check_tree(spec)
+    keep_node = keep_node * jnp.asarray(level_mask(spec, tuple(cfg.train_levels)))[None]
+  keep = keep_node[:, trans_nodes]
   return Advantages(trans_adv, node_adv, values, keep)

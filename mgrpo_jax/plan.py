@@ -327,6 +327,11 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
     adv_cfg = trainer_lib.advantage_config(config)
   except ValueError as e:
     plan.problem("advantage" if "advantage" in str(e) else "reward.weights", str(e))
+  if adv_cfg is not None and spec is not None:
+    try:
+      adv_cfg.check_tree(spec)
+    except ValueError as e:
+      plan.problem("advantage.train_levels", str(e))
 
   P = int(config.data.prompts_per_batch)
   B = int(config.sample.batches_per_iteration)
@@ -353,7 +358,11 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   if adv_cfg is not None:
     plan.add("advantages", f"{adv_cfg.mode}, temporal groups '{adv_cfg.scope}', std "
              f"'{adv_cfg.std}', clip {adv_cfg.clip:g}" +
-             (", all-zero groups dropped" if adv_cfg.drop_zero_groups else ""))
+             (", all-zero groups dropped" if adv_cfg.drop_zero_groups else "") +
+             (f", branchings with spread < {adv_cfg.prune_spread:g} pruned"
+              if adv_cfg.prune_spread > 0 else "") +
+             (f", only levels {tuple(adv_cfg.train_levels)} trained"
+              if adv_cfg.train_levels else ""))
 
   sizes = _mesh_sizes(config.mesh, num_devices, plan)
   if sizes is not None:

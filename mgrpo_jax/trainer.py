@@ -95,7 +95,9 @@ def advantage_config(config) -> adv_lib.AdvantageConfig:
       mode=config.advantage.mode, scope=config.advantage.scope, std=std,
       eps=float(config.advantage.eps), clip=float(config.advantage.clip),
       weights=tuple(float(w) for w in config.reward.weights),
-      drop_zero_groups=bool(config.advantage.drop_zero_groups))
+      drop_zero_groups=bool(config.advantage.drop_zero_groups),
+      prune_spread=float(config.advantage.prune_spread),
+      train_levels=tuple(int(j) for j in config.advantage.train_levels))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -480,6 +482,7 @@ class Trainer:
     self.spec = tree_spec_from_config(config)
     self.sampler = sampler_from_config(config)
     self.adv_cfg = advantage_config(config)
+    self.adv_cfg.check_tree(self.spec)
 
     P = config.data.prompts_per_batch
     multiple = sharding_lib.batch_size_multiple(self.mesh)
@@ -616,6 +619,10 @@ class Trainer:
     # The credit each tree level gets: mean |A| of its nodes (level 0 = the roots' steps).
     for j, (off, size) in enumerate(zip(spec.level_offsets, spec.level_sizes)):
       summary[f"advantage/abs_mean/level_{j}"] = jnp.abs(adv.nodes[:, off:off + size]).mean()
+      # The share of the level's transitions that train (pruning, train_levels, zero groups).
+      on_level = np.asarray(spec.node_level)[spec.transition_node] == j
+      if on_level.any():
+        summary[f"advantage/kept_fraction/level_{j}"] = adv.keep[:, on_level].mean()
     for k in range(rewards.shape[-1]):
       summary[f"reward/{k}"] = rewards[..., k].mean()
       summary[f"reward/{k}_std"] = rewards[..., k].std()
