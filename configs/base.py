@@ -37,9 +37,12 @@ def get_config(arg=None):
   # ---- data ----------------------------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
   # A dataset name (`ocr_color_10`, `pickscore_25k`, resolved in $MGRPO_DATASETS or
-  # ../shared/datasets) or a path to a .csv / .txt prompt file.
+  # ../shared/datasets), a path to a .csv / .txt prompt file, or `tfds:<name>` (a TFDS copy
+  # prepared by `python -m mgrpo_jax.data.tfds_builders --name <name>`).
   config.data.dataset = "ocr_color_10"
-  # Split file of a named dataset.
+  # TFDS data dir of a `tfds:` dataset ("" = $TFDS_DATA_DIR, else ~/tensorflow_datasets).
+  config.data.tfds_data_dir = ""
+  # Split of a named or `tfds:` dataset.
   config.data.split = "test"
   # Prompts per sampling batch, over all devices and hosts (P).
   config.data.prompts_per_batch = 4

@@ -152,19 +152,15 @@ def _plan_rewards(config, plan: Plan, records) -> None:
 
 def _load_records(config, plan: Plan):
   from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-  dataset = config.data.dataset
   try:
-    if os.sep in dataset or dataset.endswith((".csv", ".txt")):
-      path = dataset
-    else:
-      path = prompts_lib.dataset_path(dataset, config.data.split)
-    records = prompts_lib.load_prompts(path)
-  except (OSError, ValueError) as e:
+    records, where = prompts_lib.load_dataset(config.data.dataset, config.data.split,
+                                              tfds_data_dir=config.data.get("tfds_data_dir", ""))
+  except (OSError, ValueError, ImportError) as e:  # ImportError: tfds: without the package
     plan.problem("data.dataset", str(e).splitlines()[0] if str(e) else type(e).__name__)
     return None
-  plan.add("dataset", f"{path} ({len(records)} prompts)")
+  plan.add("dataset", f"{where} ({len(records)} prompts)")
   if not records:
-    plan.problem("data.dataset", f"{path} holds no prompts")
+    plan.problem("data.dataset", f"{where} holds no prompts")
   return records
 
 

@@ -56,10 +56,9 @@ def main(argv):
   if _PROMPTS_FILE.value:
     prompts += [r.prompt for r in prompts_lib.load_prompt_lines(_PROMPTS_FILE.value)]
   if not prompts:  # the dataset's first prompts, read as the trainer reads them
-    dataset = config.data.dataset
-    path = dataset if os.sep in dataset or dataset.endswith((".csv", ".txt")) else \
-        prompts_lib.dataset_path(dataset, config.data.split)
-    prompts = [r.prompt for r in prompts_lib.load_prompts(path)[:config.log.num_eval_prompts]]
+    records, _ = prompts_lib.load_dataset(config.data.dataset, config.data.split,
+                                          tfds_data_dir=config.data.get("tfds_data_dir", ""))
+    prompts = [r.prompt for r in records[:config.log.num_eval_prompts]]
   repeated = [p for p in prompts for _ in range(_IMAGES_PER_PROMPT.value)]
   # The trainer's evaluation path without its optimizer state (mgrpo_jax/pipeline.py).
   pipe = pipeline_lib.load_pipeline(config, lora=workdir if steps else None)

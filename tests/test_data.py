@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -132,6 +133,38 @@ def test_dataset_path_override_and_errors(tmp_path, monkeypatch):
     prompts_lib.dataset_path("coco", "train")
   with pytest.raises(ValueError, match="split"):
     prompts_lib.dataset_path("pickscore_25k", "../pickscore_25k/train")
+
+
+def test_load_dataset_reads_names_and_paths(tmp_path, monkeypatch):
+  (tmp_path / "pickscore_25k").mkdir()
+  path = _write(tmp_path / "pickscore_25k", "train.txt", "x\n\ny\n")
+  monkeypatch.setenv("MGRPO_DATASETS", str(tmp_path))
+  expected = [prompts_lib.PromptRecord("x", {"line": 1}),
+              prompts_lib.PromptRecord("y", {"line": 3})]
+  assert prompts_lib.load_dataset("pickscore_25k", "train") == (expected, path)
+  # A path ignores the split; a relative one counts as a path by its extension.
+  assert prompts_lib.load_dataset(path, "test") == (expected, path)
+  monkeypatch.chdir(tmp_path / "pickscore_25k")
+  assert prompts_lib.load_dataset("train.txt", "test") == (expected, "train.txt")
+  with pytest.raises(prompts_lib.PromptFileError, match=r"train\.txt:1: the ocr reward cannot"):
+    prompts_lib.load_dataset("pickscore_25k", "train", reward_names=("ocr",))
+  with pytest.raises(ValueError, match=r"unknown dataset 'coco'.*tfds:<name>"):
+    prompts_lib.load_dataset("coco", "train")
+  with pytest.raises(FileNotFoundError, match="prompt file /nowhere/p.csv does not exist"):
+    prompts_lib.load_dataset("/nowhere/p.csv", "train")
+
+
+def test_load_dataset_tfds_input_errors(monkeypatch):
+  # Caught before TFDS is imported, so they read the same with or without it installed.
+  with pytest.raises(ValueError, match="unknown TFDS dataset tfds:coco; known: "
+                     "tfds:ocr_color_10, tfds:pickscore_25k"):
+    prompts_lib.load_dataset("tfds:coco", "test")
+  with pytest.raises(ValueError, match=r"'tfds:ocr_color_10': split '\.\./x' is not a split"):
+    prompts_lib.load_dataset("tfds:ocr_color_10", "../x")
+  # Without tensorflow-datasets (an import of a None module entry raises ImportError).
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+  with pytest.raises(ImportError, match=r"need tensorflow-datasets: pip install -e \"\.\[tfds\]\""):
+    prompts_lib.load_dataset("tfds:ocr_color_10", "test")
 
 
 def _records(n):

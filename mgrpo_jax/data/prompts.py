@@ -5,8 +5,10 @@
   PickScore-25k  plain text, one prompt per line.
 
 Files are read from where the user keeps them: a path, or a dataset name resolved in
-`$MGRPO_DATASETS` (default `../shared/datasets` next to the repository). A malformed row is a
-`PromptFileError` whose message starts with `file:line:`. What the rewards need is checked here,
+`$MGRPO_DATASETS` (default `../shared/datasets` next to the repository); `load_dataset`, the
+reader of `config.data.dataset`, also takes `tfds:<name>`, a split prepared by the TFDS builders
+of `tfds_builders.py`. A malformed row is a `PromptFileError` whose message starts with
+`file:line:`. What the rewards need is checked here,
 before any sampling: an OCR-Color-10 colour must be one of the ten the colour reward knows, its
 text must have a letter or digit to read, and `load_prompts(..., reward_names=...)` refuses a
 file that lacks what a configured reward reads (a colour, a quoted text).
@@ -27,6 +29,8 @@ DATASETS = {
     "pickscore_25k": "pickscore_25k/{split}.txt",
 }
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# `config.data.dataset` prefix of a TFDS copy of a named dataset, e.g. "tfds:ocr_color_10".
+TFDS_PREFIX = "tfds:"
 _BOM = "\ufeff"  # spreadsheet programs prepend it to UTF-8 exports; it is not part of line 1
 
 
@@ -223,6 +227,12 @@ def datasets_root() -> str:
                                                            "datasets")
 
 
+def _check_split(name: str, split: str) -> None:
+  if not split or os.sep in split or "/" in split or split in (".", ".."):
+    raise ValueError(f"dataset {name!r}: split {split!r} is not a split name such as 'train' or "
+                     "'test'")
+
+
 def dataset_path(name: str, split: str) -> str:
   """The file of a named dataset's split, e.g. ('ocr_color_10', 'test') -> .../test.csv.
 
@@ -232,13 +242,70 @@ def dataset_path(name: str, split: str) -> str:
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)} (or give a path to "
-                     "a .csv / .txt prompt file)")
-  if not split or os.sep in split or "/" in split or split in (".", ".."):
-    raise ValueError(f"dataset {name!r}: split {split!r} is not a split name such as 'train' or "
-                     "'test'")
+                     f"a .csv / .txt prompt file, or {TFDS_PREFIX}<name> for a TFDS copy)")
+  _check_split(name, split)
   path = os.path.join(datasets_root(), DATASETS[name].format(split=split))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"dataset {name!r} split {split!r}: {path} does not exist; set "
                             "$MGRPO_DATASETS to the folder holding the prompt files or give "
                             "--config.data.dataset=/path/to/file")
   return path
+
+
+def _load_tfds(name: str, split: str, data_dir: str) -> tuple[list[PromptRecord], str]:
+  """The records of a prepared TFDS split and 'tfds:<name>/<split> in <data dir>'."""
+  from mgrpo_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
+  if name not in tfds_builders.NAMES:
+    raise ValueError(f"unknown TFDS dataset {TFDS_PREFIX}{name}; known: "
+                     f"{', '.join(TFDS_PREFIX + n for n in tfds_builders.NAMES)}")
+  _check_split(f"{TFDS_PREFIX}{name}", split)
+  data_dir = os.path.expanduser(data_dir) if data_dir else None
+  builder = tfds_builders.builder(name, data_dir)  # ImportError without tensorflow-datasets
+  root = builder.data_dir_root
+  command = tfds_builders.prepare_command(name, data_dir)
+  # Preparing is left to the user, once: a run's processes would otherwise race to write it.
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"{TFDS_PREFIX}{name} is not prepared in {root} (data.tfds_data_dir); "
+                            f"prepare it from the prompt files with: {command}")
+  if split not in builder.info.splits:
+    raise ValueError(f"{TFDS_PREFIX}{name} in {root} has no split {split!r}; prepared: "
+                     f"{sorted(builder.info.splits)}. Splits are the files present when it was "
+                     f"prepared: add {DATASETS[name].format(split=split)} to {datasets_root()}, "
+                     f"delete {builder.data_dir} and run: {command}")
+  return tfds_builders.read_split(builder, split), f"{TFDS_PREFIX}{name}/{split} in {root}"
+
+
+def load_dataset(dataset: str, split: str, reward_names=(),
+                 tfds_data_dir: str = "") -> tuple[list[PromptRecord], str]:
+  """The prompts of `config.data.dataset`, read the same way by every entry point.
+
+  Args:
+    dataset: a name of `DATASETS` (its `split` file in `datasets_root()`), a path to a .csv /
+      .txt prompt file (`split` unused), or `tfds:<name>` (a split prepared by
+      `python -m mgrpo_jax.data.tfds_builders --name <name>`).
+    split: the split of a named or TFDS dataset, e.g. 'train' or 'test'.
+    reward_names: the run's rewards; every record must carry what they read
+      (`check_for_rewards`).
+    tfds_data_dir: the TFDS data dir of a `tfds:` dataset; "" = TFDS's default
+      ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+
+  Returns:
+    (records in file order, where they came from: the file path or 'tfds:<name>/<split> in
+    <data dir>').
+
+  Raises:
+    ValueError: an unknown name or TFDS name (listing the known ones), a bad or unprepared split.
+    FileNotFoundError: a missing file, or a TFDS dataset not prepared in the data dir (the
+      message gives the command that prepares it).
+    PromptFileError: a malformed file, or records without what a reward needs.
+    ImportError: `tfds:` without tensorflow-datasets installed.
+  """
+  if dataset.startswith(TFDS_PREFIX):
+    records, where = _load_tfds(dataset[len(TFDS_PREFIX):], split, tfds_data_dir)
+    check_for_rewards(records, reward_names, where)
+    return records, where
+  if os.sep in dataset or "/" in dataset or dataset.endswith((".csv", ".txt")):
+    path = dataset
+  else:
+    path = dataset_path(dataset, split)
+  return load_prompts(path, reward_names), path

@@ -7,9 +7,15 @@ An alternative to the CSV / text readers of `prompts.py` for users whose data li
 `build` prepares `ocr_color_10` (OCR-Color-10: prompt, text, color, source, line_id) and
 `pickscore_25k` (prompt, line) from the local copy of the prompt files (`$MGRPO_DATASETS`, else
 `../shared/datasets`; nothing is downloaded), one split per file present, in file order
-(`DatasetInfo.disable_shuffling`), as ArrayRecord files. `load_records` opens a split as a grain-compatible
-random-access data source (`builder.as_data_source`) and returns the same `PromptRecord`s the
-file readers give, so the trainer's loader can take either.
+(`DatasetInfo.disable_shuffling`), as ArrayRecord files. `read_split` (and `load_records`, which
+prepares first) opens a split as a grain-compatible random-access data source
+(`builder.as_data_source`) and returns the same `PromptRecord`s the file readers give, so the
+trainer's loader can take either.
+
+A run reads a prepared split with `--config.data.dataset=tfds:ocr_color_10` (and
+`--config.data.tfds_data_dir`, default TFDS's); it is prepared once, beforehand, with
+
+  python -m mgrpo_jax.data.tfds_builders --name ocr_color_10 [--data_dir D] [--source_dir S]
 
 Optional extra: `pip install -e ".[tfds]"` (tensorflow-datasets; array_record comes with grain).
 Preparing and reading need no TensorFlow: tests/test_tfds.py passes on Python 3.11 with
@@ -19,12 +25,17 @@ The rows are validated by the same readers as the files.
 
 from __future__ import annotations
 
+import argparse
 import glob
 import os
+import shlex
 
 import numpy as np
 
 from mgrpo_jax.data import prompts as prompts_lib
+
+# The datasets that have a builder (each also a `prompts_lib.DATASETS` name).
+NAMES = ("ocr_color_10", "pickscore_25k")
 
 
 def _tfds():
@@ -118,26 +129,57 @@ def build(name: str, data_dir: str | None = None, source_dir: str | None = None)
   return b
 
 
+def prepare_command(name: str, data_dir: str | None = None) -> str:
+  """The shell command that prepares `name` (under `data_dir`, else TFDS's default)."""
+  command = f"python -m mgrpo_jax.data.tfds_builders --name {name}"
+  return command + (f" --data_dir {shlex.quote(data_dir)}" if data_dir else "")
+
+
 def _decode(value):
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def load_records(name: str, split: str, data_dir: str | None = None,
-                 source_dir: str | None = None) -> list[prompts_lib.PromptRecord]:
-  """A prepared split (prepared first if needed) as `PromptRecord`s, in file order.
+def read_split(b, split: str) -> list[prompts_lib.PromptRecord]:
+  """The records of a split of the prepared builder `b`, in file order; nothing is prepared.
 
-  Reads through `builder.as_data_source`, an ArrayRecord random-access source that
+  Reads through `b.as_data_source`, an ArrayRecord random-access source that
   `grain.MapDataset.source` accepts.
   """
-  b = build(name, data_dir, source_dir)
   if split not in b.info.splits:
-    raise ValueError(f"dataset {name!r} has no split {split!r}; prepared: {sorted(b.info.splits)}")
+    raise ValueError(f"dataset {b.name!r} has no split {split!r}; prepared: "
+                     f"{sorted(b.info.splits)}")
   source = b.as_data_source(split=split)
   records = []
   for i in range(len(source)):
     row = {k: _decode(v) for k, v in source[i].items()}
     prompt = row.pop("prompt")
-    if name == "pickscore_25k":
+    if b.name == "pickscore_25k":
       row["line"] = int(row["line"])
     records.append(prompts_lib.PromptRecord(prompt, row))
   return records
+
+
+def load_records(name: str, split: str, data_dir: str | None = None,
+                 source_dir: str | None = None) -> list[prompts_lib.PromptRecord]:
+  """A split (prepared first if needed) as `PromptRecord`s, in file order."""
+  return read_split(build(name, data_dir, source_dir), split)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      description="Prepares a TFDS (ArrayRecord) copy of a prompt set from its local files.")
+  parser.add_argument("--name", required=True, choices=NAMES)
+  parser.add_argument("--data_dir", default=None, help="TFDS data dir to write (default: "
+                      "$TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+  parser.add_argument("--source_dir", default=None,
+                      help="folder of the prompt files (default: $MGRPO_DATASETS or "
+                      "../shared/datasets)")
+  args = parser.parse_args(argv)
+  b = build(args.name, args.data_dir and os.path.expanduser(args.data_dir), args.source_dir)
+  splits = ", ".join(f"{s} ({b.info.splits[s].num_examples} prompts)"
+                     for s in sorted(b.info.splits))
+  print(f"tfds:{args.name} prepared in {b.data_dir}: {splits}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
