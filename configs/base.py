@@ -184,9 +184,15 @@ def get_config(arg=None):
 
   # ---- logging, evaluation and checkpoints ---------------------------------------------------
   config.log = ml_collections.ConfigDict()
-  # Write a sample grid every this many iterations (and at the end).
+  # Evaluate every this many iterations (and at the end): a grid of ODE samples of fixed
+  # prompts with fixed noise, and the mean of every reward on them, logged as eval/<reward>.
   config.log.eval_every = 2
-  # Prompts in the evaluation grid (fixed: the dataset's first prompts, fixed noise).
+  # Also evaluate before the first iteration of a fresh run (logged as step 0): the baseline.
+  config.log.eval_at_start = False
+  # Evaluation prompts: the first num_eval_prompts of this dataset name or prompt file ("" =
+  # the training prompts) and split ("" = data.split), e.g. "ocr_color_10" and "test".
+  config.log.eval_dataset = ""
+  config.log.eval_split = ""
   config.log.num_eval_prompts = 4
   # Save a checkpoint every this many iterations (and at the end).
   config.log.checkpoint_every = 1

@@ -26,6 +26,10 @@ def get_config(arg=None):
   config.train.beta = 0.0
   config.train.num_iterations = 40
   config.log.eval_every = 20
+  # Grids of 8 training prompts, as before the OCR default gained held-out evaluation.
+  config.log.eval_at_start = False
+  config.log.eval_dataset = ""
+  config.log.num_eval_prompts = 8
   config.log.checkpoint_every = 20
   return apply_variants(config, arg, VARIANTS, "tiny_jpeg")
 

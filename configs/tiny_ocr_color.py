@@ -57,8 +57,12 @@ def get_config(arg=None):
   config.train.num_minibatches = 2
   config.train.learning_rate = 1e-3
   config.train.clip_range = 0.2
+  # Evaluation before training and at the end, on all 40 held-out prompts (never seen in
+  # pretraining or here): eval/ocr and eval/text_color in metrics.jsonl, grids in images/.
   config.log.eval_every = 12
-  config.log.num_eval_prompts = 8
+  config.log.eval_at_start = True
+  config.log.eval_dataset = synthetic_text.prompt_csv("heldout")
+  config.log.num_eval_prompts = 40
   config.log.checkpoint_every = 12
   return apply_variants(config, arg, VARIANTS, "tiny_ocr_color")
 
@@ -74,6 +78,8 @@ def _runlocal(config):
   config.train.num_iterations = 2
   config.train.num_minibatches = 1
   config.log.eval_every = 1
+  config.log.eval_at_start = False
+  config.log.eval_dataset = ""
   config.log.num_eval_prompts = 4
   config.log.checkpoint_every = 1
 

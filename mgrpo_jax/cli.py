@@ -27,7 +27,7 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 # Exceptions whose message is written for the user; any other type is named in front of its
 # message, since it more likely is a bug.
-_USER_ERRORS = (ValueError, OSError, LookupError, RuntimeError, flags.Error)
+_USER_ERRORS = (ValueError, OSError, LookupError, RuntimeError, ImportError, flags.Error)
 
 
 def fail(program: str, message: str, status: int = EXIT_ERROR):

@@ -2,7 +2,9 @@ r"""Evaluation of a run the way the paper reports it: `mgrpo-eval --config C --c
 
 W is the run's workdir (its latest checkpoint, or `--step N`). A workdir without a checkpoint is
 refused (a mistyped path must not evaluate an untrained model as "iteration 0"); `--init`
-evaluates the initial model instead (the base model: a baseline row).
+evaluates the initial model instead (the base model: a baseline row). The model is loaded with
+`load_pipeline` (no optimizer state, no training loader), so the prompts can be any dataset or
+prompt file: `--config.data.dataset=heldout.csv` evaluates a run on prompts it never saw.
 
 Renders the prompts of the evaluation split with the deterministic sampler (ODE,
 `sample.eval_num_steps` steps, the config's CFG), the noise of prompt i fixed by (seed, i), and
@@ -78,30 +80,40 @@ def markdown(result: dict[str, Any], title: str) -> str:
   return "\n".join(lines) + "\n"
 
 
-def evaluate(trainer, records, out_dir: str, seed: int = 0, batch_size: int = 16,
-             grid_size: int = 16) -> dict[str, Any]:
-  """Renders and scores `records` with a built Trainer; writes the outputs to `out_dir`."""
+def evaluate(pipe, scorer, records, out_dir: str, seed: int = 0, batch_size: int = 16,
+             grid_size: int = 16, title: str = "") -> dict[str, Any]:
+  """Renders and scores `records`; writes the outputs to `out_dir` (process 0).
+
+  Args:
+    pipe: a `pipeline.Pipeline` (the model and adapters to evaluate).
+    scorer: a `rewards.scorer.RewardScorer` of the rewards to report.
+    records: the prompt records (their metadata feeds the OCR and colour rewards).
+    out_dir: output directory.
+    seed: noise seed; chunk c of `batch_size` prompts uses seed * 100003 + c * batch_size, so
+      a prompt's noise depends neither on the device count nor on the other chunks.
+    batch_size: prompts rendered per call.
+    grid_size: images per grid file (at most 4 grids).
+    title: the heading of eval.md.
+  """
   os.makedirs(out_dir, exist_ok=True)
   prompts = [r.prompt for r in records]
   metadata = [dict(r.metadata) for r in records]
-  images = []
-  for start in range(0, len(prompts), batch_size):
-    # One key per chunk of fixed size: a prompt's noise does not depend on the device count.
-    images.append(trainer.render(prompts[start:start + batch_size], seed * 100003 + start))
-  images = np.concatenate(images)
-  scores = trainer.score_images(images, prompts, metadata)
+  images = np.concatenate([
+      pipe(prompts[start:start + batch_size], seed=seed * 100003 + start, output_type="np")
+      for start in range(0, len(prompts), batch_size)])
+  scores = scorer.score(images, prompts, metadata)
   result = aggregate(scores, metadata)
-  result.update({"iteration": int(trainer.start_iteration), "seed": seed,
-                 "num_prompts": len(prompts), "eval_num_steps":
-                 int(trainer.config.sample.eval_num_steps),
+  iteration = int(pipe.iteration or 0)
+  result.update({"iteration": iteration, "seed": seed, "num_prompts": len(prompts),
+                 "eval_num_steps": int(pipe.config.sample.eval_num_steps),
                  "per_prompt": [{"prompt": p, **{k: float(v[i]) for k, v in scores.items()}}
                                 for i, p in enumerate(prompts)]})
-  if trainer.is_primary:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_index() == 0:
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
       json.dump(result, f, indent=1)
-    title = f"{trainer.config.data.dataset}, iteration {trainer.start_iteration}"
     with open(os.path.join(out_dir, "eval.md"), "w") as f:
-      f.write(markdown(result, title))
+      f.write(markdown(result, title or f"iteration {iteration}"))
     from mgrpo_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
     for g, start in enumerate(range(0, min(len(images), 4 * grid_size), grid_size)):
       metrics_lib.make_grid(images[start:start + grid_size],
@@ -110,11 +122,28 @@ def evaluate(trainer, records, out_dir: str, seed: int = 0, batch_size: int = 16
   return result
 
 
+def evaluate_checkpoint(config, workdir: str | None, records, out_dir: str, *,
+                        step: int | None = None, seed: int = 0, batch_size: int = 16,
+                        title: str = "") -> dict[str, Any]:
+  """Evaluates `workdir`'s checkpoint (`step`, default the latest) or, with workdir None, the
+  initial model of `config` (its `lora.init_from` adapters if set), on `records`."""
+  from mgrpo_jax import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax.rewards import scorer as scorer_lib  # pylint: disable=import-outside-toplevel
+  lora = workdir if workdir is not None else (config.lora.init_from or None)
+  pipe = pipeline_lib.load_pipeline(config, lora=lora, step=step)
+  scorer = scorer_lib.RewardScorer(config.reward, pipe.mesh)
+  try:
+    return evaluate(pipe, scorer, records, out_dir, seed=seed, batch_size=batch_size,
+                    title=title)
+  finally:
+    scorer.close()
+
+
 def main(argv):
   from absl import flags, logging  # pylint: disable=import-outside-toplevel
   from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from mgrpo_jax import cli  # pylint: disable=import-outside-toplevel
-  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
+  from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     cli.fail("mgrpo-eval", f"unexpected arguments {argv[1:]}", cli.EXIT_USAGE)
   FLAGS = flags.FLAGS
@@ -131,20 +160,25 @@ def main(argv):
     cli.fail("mgrpo-eval", f"--init evaluates the untrained model, but {workdir} holds "
              f"checkpoints {steps}; drop --init (or use --step) to evaluate them",
              cli.EXIT_USAGE)
+  step = FLAGS.step if FLAGS.step >= 0 else None
+  if step is not None and step not in steps:
+    cli.fail("mgrpo-eval", f"{workdir} has no checkpoint of iteration {step}; it has {steps}",
+             cli.EXIT_USAGE)
   config = FLAGS.config
   if FLAGS.split:
     config.data.split = FLAGS.split
-  trainer = trainer_lib.Trainer(config, workdir, inference=True,
-                                step=FLAGS.step if FLAGS.step >= 0 else None)
-  try:
-    records = trainer.records
-    if FLAGS.num_prompts > 0:
-      records = records[:FLAGS.num_prompts]
-    out = FLAGS.out or os.path.join(workdir, f"eval_{trainer.start_iteration:06d}")
-    result = evaluate(trainer, records, out, seed=FLAGS.seed, batch_size=FLAGS.batch_size)
-  finally:
-    trainer.close()
-  print(markdown(result, f"{config.data.dataset}, iteration {result['iteration']}"))
+  # The prompts come from the config (any dataset or prompt file), not from the run: a run
+  # trained on one prompt file can be evaluated on another.
+  records, _ = prompts_lib.load_dataset(config.data.dataset, config.data.split,
+                                        config.reward.names, config.data.tfds_data_dir)
+  if FLAGS.num_prompts > 0:
+    records = records[:FLAGS.num_prompts]
+  iteration = 0 if FLAGS.init else (step if step is not None else max(steps))
+  out = FLAGS.out or os.path.join(workdir, f"eval_{iteration:06d}")
+  title = f"{config.data.dataset}, iteration {iteration}"
+  result = evaluate_checkpoint(config, None if FLAGS.init else workdir, records, out, step=step,
+                               seed=FLAGS.seed, batch_size=FLAGS.batch_size, title=title)
+  print(markdown(result, title))
   print(f"wrote {out}", flush=True)
 
 

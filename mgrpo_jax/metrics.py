@@ -126,7 +126,8 @@ class MetricWriter:
     deleted (the rerun writes them again).
 
     Args:
-      step: the restored iteration (0: nothing restored, everything goes).
+      step: the restored iteration (0: nothing restored, everything goes, including a step-0
+        evaluation, which the fresh run writes again).
 
     Returns:
       The number of metrics records dropped (0 on a disabled writer).
@@ -145,7 +146,7 @@ class MetricWriter:
         except (ValueError, KeyError, TypeError):
           dropped += 1  # a line cut by a crash
           continue
-        if record_step <= step:
+        if 0 < step and record_step <= step:
           kept.append(line if line.endswith("\n") else line + "\n")
         else:
           dropped += 1
@@ -164,7 +165,8 @@ class MetricWriter:
     if os.path.isdir(self.image_dir):
       for name in os.listdir(self.image_dir):
         stem, _, number = os.path.splitext(name)[0].rpartition("_")
-        if stem and number.isdigit() and int(number) > step and name.endswith(".png"):
+        if (stem and number.isdigit() and (int(number) > step or step == 0)
+            and name.endswith(".png")):
           os.remove(os.path.join(self.image_dir, name))
     # Reopened for appending, as in __init__; close() closes it.
     self._file = open(self.metrics_path, "a", encoding="utf-8")  # pylint: disable=R1732
@@ -344,7 +346,9 @@ def plot_curves(metrics_path: str, out_png: str, keys: Sequence[str] | None = No
     metrics_path: metrics.jsonl written by `MetricWriter`; the last record of each step counts.
     out_png: output path.
     keys: metric names to plot; default every "reward/..." key. When "<key>_std" is also logged
-      it is drawn as a +-1 std band around <key> instead of a subplot of its own.
+      it is drawn as a +-1 std band around <key> instead of a subplot of its own; "eval/<name>"
+      (the trainer's evaluations, logged every few steps) is drawn in the subplot of
+      "reward/<name>" as points joined across the steps that have it.
 
   Returns:
     `out_png`.
@@ -379,6 +383,13 @@ def plot_curves(metrics_path: str, out_png: str, keys: Sequence[str] | None = No
     if f"{key}_std" in available:
       std = series(f"{key}_std")
       ax.fill_between(steps, values - std, values + std, alpha=0.2, linewidth=0)
+    eval_key = "eval/" + key[len("reward/"):] if key.startswith("reward/") else None
+    if eval_key in available:
+      evaluated = series(eval_key)
+      at = np.isfinite(evaluated)
+      ax.lines[0].set_label("training samples")
+      ax.plot(steps[at], evaluated[at], marker="o", linewidth=1.5, label="evaluation")
+      ax.legend(fontsize=8)
     ax.set_title(key, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)

@@ -192,10 +192,11 @@ class Pipeline:
     return [Image.fromarray(image) for image in images]
 
 
-def _restore_workdir(trainable, workdir: str, ema: bool | None):
-  """The workdir checkpoint's trainable (or EMA) weights placed like `trainable`."""
+def _restore_workdir(trainable, workdir: str, ema: bool | None, step: int | None = None):
+  """The workdir checkpoint's (latest, or `step`) trainable (or EMA) weights placed like
+  `trainable`."""
   from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  step, state = ckpt_lib.load_numpy(workdir)
+  step, state = ckpt_lib.load_numpy(workdir, step)
   if ema and "ema" not in state:
     raise ValueError(f"load_pipeline(ema=True): {workdir}'s checkpoint of iteration {step} "
                      "has no EMA weights")
@@ -223,7 +224,7 @@ def _restore_workdir(trainable, workdir: str, ema: bool | None):
 
 
 def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None = None,
-                  devices: Sequence[jax.Device] | None = None, **model_overrides) -> Pipeline:
+                  step: int | None = None, devices: Sequence[jax.Device] | None = None, **model_overrides) -> Pipeline:
   """Builds a `Pipeline` (see the module docstring).
 
   Args:
@@ -232,6 +233,7 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
     lora: a training workdir or a diffusers / PEFT LoRA file or directory; default none (a
       workdir given as `path_or_config` is its own default).
     ema: with a workdir LoRA, use its EMA weights (default: when the run kept them).
+    step: with a workdir LoRA, the checkpoint's iteration (default the latest).
     devices: devices to shard the batch over (default this process's local devices).
     **model_overrides: fields of the model config when loading a diffusers directory or Hub id
       (e.g. resolution=1024, dtype="float32").
@@ -276,7 +278,7 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
   graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
   iteration = None
   if lora is not None and _is_workdir(lora):
-    trainable, iteration = _restore_workdir(trainable, lora, ema)
+    trainable, iteration = _restore_workdir(trainable, lora, ema, step)
   elif lora is not None:
     trainable = export.load_adapters(trainable, config.model.name, lora, config.lora.rank,
                                      config.lora.alpha)

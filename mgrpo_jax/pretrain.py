@@ -286,31 +286,23 @@ def evaluate(weights_dir: str, split: str = "heldout", seed: int = 0, num_steps:
 
 def evaluate_run(config_path: str, workdir: str, step: int, split: str = "heldout",
                  seed: int = 0, out: str = "") -> dict[str, Any]:
-  """`mgrpo-eval` of a main-job checkpoint on a synthetic split other than its training prompts.
+  """`mgrpo-eval` of a main-job checkpoint on a synthetic split (default the held-out prompts).
 
-  mgrpo-eval renders the prompts of the config's dataset, and restoring a checkpoint also
-  restores its prompt loader, which refuses a prompt file of another length; so the Trainer is
-  built on the run's own (training) prompts and `evaluate.evaluate` is given the split's
-  records. `step` 0 evaluates the initial (pretrained) model.
+  `step` 0 evaluates the initial (pretrained) model.
   """
-  import tempfile  # pylint: disable=import-outside-toplevel
   from mgrpo_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
-  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from mgrpo_jax.config_utils import load_sibling  # pylint: disable=import-outside-toplevel
   from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   path, _, variant = config_path.partition(":")
   config = load_sibling(path, os.path.splitext(os.path.basename(path))[0]).get_config(
       variant or None)
   records = prompts_lib.load_prompts(synthetic_text.prompt_csv(split))
-  with tempfile.TemporaryDirectory() as empty:
-    trainer = trainer_lib.Trainer(config, empty if step == 0 else workdir, inference=True,
-                                  step=step if step > 0 else None)
-    try:
-      out = out or os.path.join(workdir, f"eval_{split}_{step:06d}_seed{seed}")
-      result = evaluate_lib.evaluate(trainer, records, out, seed=seed)
-    finally:
-      trainer.close()
-  print(evaluate_lib.markdown(result, f"{split}, iteration {result['iteration']}, seed {seed}"))
+  out = out or os.path.join(workdir, f"eval_{split}_{step:06d}_seed{seed}")
+  title = f"{split}, iteration {step}, seed {seed}"
+  result = evaluate_lib.evaluate_checkpoint(config, workdir if step > 0 else None, records, out,
+                                            step=step if step > 0 else None, seed=seed,
+                                            title=title)
+  print(evaluate_lib.markdown(result, title))
   print(f"wrote {out}", flush=True)
   return result
 

@@ -30,6 +30,7 @@ from mgrpo_jax import advantages as adv_lib
 from mgrpo_jax import losses
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import workdir as workdir_lib
+from mgrpo_jax.data import prompts as prompts_lib
 from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule, steps as steps_lib
 from mgrpo_jax.sampling.tree import TreeSpec, make_tree_spec
@@ -468,9 +469,7 @@ class Trainer:
     """
     from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    from mgrpo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
-    from mgrpo_jax.data import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
     from mgrpo_jax.models import registry  # pylint: disable=g-import-not-at-top
 
     self.config = config
@@ -494,14 +493,13 @@ class Trainer:
                        f"{jax.process_count()}")
 
     # Data: every process reads its own share of each global batch.
-    dataset = config.data.dataset
-    if os.sep in dataset or dataset.endswith((".csv", ".txt")):
-      if not os.path.isfile(dataset):
-        raise FileNotFoundError(f"data.dataset: prompt file {dataset} does not exist")
-      path = dataset
-    else:
-      path = prompts_lib.dataset_path(dataset, config.data.split)
-    self.records = prompts_lib.load_prompts(path, reward_names=tuple(config.reward.names))
+    self.records, _ = prompts_lib.load_dataset(
+        config.data.dataset, config.data.split, config.reward.names, config.data.tfds_data_dir)
+    self.eval_records = self.records
+    if config.log.eval_dataset:
+      self.eval_records, _ = prompts_lib.load_dataset(
+          config.log.eval_dataset, config.log.eval_split or config.data.split,
+          config.reward.names, config.data.tfds_data_dir)
     self.loader = loader_lib.PromptLoader(
         self.records, batch_size=P // jax.process_count(), seed=config.seed,
         shuffle=config.data.shuffle, shard_index=jax.process_index(),
@@ -569,14 +567,8 @@ class Trainer:
       self._set_spec_fns(self.spec)
 
     # Learned rewards run on the device next to the policy; the rest on the host thread pool.
-    from mgrpo_jax.rewards import device as device_rewards  # pylint: disable=g-import-not-at-top
-    self.device_rewards = {name: device_rewards.DeviceReward(name, config.reward, self.mesh)
-                           for name in config.reward.names
-                           if device_rewards.is_device_reward(name)}
-    host = {name: {} for name in config.reward.names if name not in self.device_rewards}
-    self.rewards = rewards_lib.HostRewards(host, max_workers=config.reward.num_workers) \
-        if host else None
-    self._reward_error = rewards_lib.RewardError
+    from mgrpo_jax.rewards import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
+    self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)
     # One writer per workdir, locked before anything below touches it (orbax deletes unfinished
     # saves when it opens the directory; the writer appends to metrics.jsonl).
     self._lock = None if inference else workdir_lib.lock_for_run(workdir)
@@ -728,12 +720,12 @@ class Trainer:
           out, images = self.sample_from_cond_fn(self.state["trainable"], self.frozen, cond,
                                                  neg_cond, sample_key)
         # Device rewards are queued behind this batch's sampling before the host waits for it.
-        device = {name: r(images, prompts) for name, r in self.device_rewards.items()}
+        device = {name: r(images, prompts) for name, r in self.scorer.device.items()}
         local_images = sharding_lib.local_rows(images)  # waits for this batch only
       flat_images = local_images.reshape((-1,) + local_images.shape[2:])
       flat_prompts = [p for p in prompts for _ in range(L)]
-      if self.rewards is not None:
-        pending.append(self.rewards.submit(
+      if self.scorer.host is not None:
+        pending.append(self.scorer.host.submit(
             flat_images, flat_prompts, [m for m in data["metadata"] for _ in range(L)]))
       batches.append({"rollout": out, "cond": cond, "neg_cond": neg_cond, "data": data,
                       "images": local_images, "device_scores": device,
@@ -741,8 +733,9 @@ class Trainer:
     with timer("reward_wait"):
       for b, batch in enumerate(batches):
         # Host rewards raise RewardError naming the reward and prompt.
-        scores = pending[b].result() if self.rewards is not None else {}
-        scores.update(self._device_scores(batch.pop("device_scores"), batch["flat_prompts"]))
+        scores = pending[b].result() if self.scorer.host is not None else {}
+        scores.update(self.scorer.device_scores(batch.pop("device_scores"),
+                                                batch["flat_prompts"]))
         per_reward = np.stack([np.asarray(scores[n], np.float32) for n in cfg.reward.names], -1)
         batch["rewards"] = per_reward.reshape(-1, L, len(cfg.reward.names))
     return batches
@@ -775,35 +768,10 @@ class Trainer:
           jax.tree.map(lambda a: np.repeat(a, n, axis=0), neg), self.mesh)
     return cond, neg_cond
 
-  def _device_scores(self, device_scores, flat_prompts) -> dict[str, np.ndarray]:
-    """This process's rows of the device rewards, checked like the host ones."""
-    out = {}
-    for name, value in device_scores.items():
-      value = sharding_lib.local_rows(value).reshape(-1).astype(np.float32)
-      bad = np.flatnonzero(~np.isfinite(value))
-      if bad.size:
-        raise self._reward_error(
-            f"reward {name!r} returned {value[bad[0]]} for image {int(bad[0])} (prompt "
-            f"{flat_prompts[bad[0]]!r}); refusing to train on it")
-      out[name] = value
-    return out
-
   def score_images(self, images: np.ndarray, prompts: list[str],
                    metadata: list[dict]) -> dict[str, np.ndarray]:
     """All configured rewards of host images uint8 [N, H, W, 3] (evaluation)."""
-    scores = self.rewards.score(images, prompts, metadata) if self.rewards is not None else {}
-    if self.device_rewards:
-      n = len(prompts)
-      multiple = sharding_lib.batch_size_multiple(self.mesh)
-      pad = -n % multiple
-      padded = np.concatenate([images, np.repeat(images[-1:], pad, 0)])[:, None]
-      padded_prompts = list(prompts) + [prompts[-1]] * pad
-      global_images = sharding_lib.global_batch(padded, self.mesh)
-      device = {name: r(global_images, padded_prompts)
-                for name, r in self.device_rewards.items()}
-      for name, value in self._device_scores(device, padded_prompts).items():
-        scores[name] = value[:n]
-    return scores
+    return self.scorer.score(images, prompts, metadata)
 
   def train_iteration(self, iteration: int, timer) -> dict[str, float]:
     cfg = self.config
@@ -892,12 +860,21 @@ class Trainer:
       images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)[:n, 0]
 
-  def evaluate(self, iteration: int):
-    """Writes a grid of ODE samples of fixed prompts with fixed noise."""
+  def evaluate(self, iteration: int) -> dict[str, float]:
+    """Renders the first log.num_eval_prompts evaluation prompts (ODE, fixed noise), writes
+    their grid and returns the mean of every reward on them as {"eval/<reward>": value}."""
     n = max(1, self.config.log.num_eval_prompts)
-    prompts = [self.records[i % len(self.records)].prompt for i in range(n)]
+    records = [self.eval_records[i % len(self.eval_records)] for i in range(n)]
+    prompts = [r.prompt for r in records]
     images = self.render(prompts, self.config.seed + 12345)
-    return self.writer.write_images(iteration, "eval", images, prompts)
+    self.writer.write_images(iteration, "eval", images, prompts)
+    scores = self.score_images(images, prompts, [dict(r.metadata) for r in records])
+    return {f"eval/{name}": float(np.mean(scores[name])) for name in self.config.reward.names}
+
+  def _log_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+    if self.is_primary:
+      print(f"eval {iteration} | " + " ".join(f"{k[len('eval/'):]}={v:.3f}"
+                                             for k, v in metrics.items()), flush=True)
 
   def _preemption_requested(self) -> bool:
     """True on every process once any process got SIGTERM (all stop at the same iteration)."""
@@ -930,6 +907,11 @@ class Trainer:
 
   def _run(self, timer, bar, total, metrics):
     cfg = self.config
+    if self.start_iteration == 0 and cfg.log.eval_at_start and total > 0:
+      # The baseline: the initial model on the evaluation prompts, logged as step 0.
+      evaluation = self.evaluate(0)
+      self.writer.write_scalars(0, evaluation)
+      self._log_evaluation(0, evaluation)
     for iteration in range(self.start_iteration, total):
       timer.reset()
       t0 = time.perf_counter()
@@ -942,10 +924,15 @@ class Trainer:
       metrics.update({f"time/{k}": v for k, v in timer.totals().items()})
       metrics["time/iteration"] = time.perf_counter() - t0
       done = iteration + 1
+      evaluation = {}
+      if done % cfg.log.eval_every == 0 or done == total:
+        t_eval = time.perf_counter()
+        evaluation = self.evaluate(done)
+        metrics.update(evaluation, **{"time/eval": time.perf_counter() - t_eval})
       self.writer.write_scalars(done, metrics)
       bar.update(1, metrics)  # a bar on a terminal, else one line (rewards, KL, phases, ETA)
-      if done % cfg.log.eval_every == 0 or done == total:
-        self.evaluate(done)
+      if evaluation:
+        self._log_evaluation(done, evaluation)
       if self._preemption_requested():
         self.save(done, force=True)
         self.checkpointer.wait()
@@ -961,8 +948,7 @@ class Trainer:
     return metrics
 
   def close(self):
-    if self.rewards is not None:
-      self.rewards.close()
+    self.scorer.close()
     self.checkpointer.close()
     self.writer.close()
     if self._lock is not None:

@@ -214,9 +214,10 @@ def test_records_past_the_restored_step_are_dropped(tmp_path):
 
 def test_a_run_restarted_without_checkpoint_starts_its_log_afresh(tmp_path):
   with metrics_lib.MetricWriter(str(tmp_path)) as writer:
+    writer.write_scalars(0, {"eval/a": 0.5})  # an evaluation before the first iteration
     writer.write_scalars(1, {"a": 1.0})
   with metrics_lib.MetricWriter(str(tmp_path)) as writer:
-    assert writer.drop_after(0) == 1
+    assert writer.drop_after(0) == 2
     assert writer.drop_after(0) == 0
   assert metrics_lib.read_metrics(str(tmp_path / "metrics.jsonl")) == []
   disabled = metrics_lib.MetricWriter(str(tmp_path / "other"), enabled=False)

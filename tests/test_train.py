@@ -12,6 +12,8 @@ import pytest
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.data import prompts as prompts_lib
+from mgrpo_jax.data import synthetic_text
 from mgrpo_jax.models import registry
 from mgrpo_jax.sampling import schedule
 
@@ -49,10 +51,19 @@ def final_params(workdir, config):
 @needs_data
 @pytest.mark.slow
 def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
-  config = tiny_config()
+  config = tiny_config(**{"log.eval_at_start": True,
+                          "log.eval_dataset": synthetic_text.prompt_csv("heldout")})
   metrics = trainer_lib.train_and_evaluate(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert [l["step"] for l in lines] == [1, 2]
+  # Step 0: the evaluation of the initial model alone; then one line per iteration, each with
+  # its evaluation (eval_every = 1).
+  assert [l["step"] for l in lines] == [0, 1, 2]
+  assert sorted(lines[0]) == ["eval/jpeg_compressibility", "eval/jpeg_incompressibility", "step"]
+  for line in lines:
+    # JPEG sizes in kB: compressibility is minus incompressibility.
+    assert line["eval/jpeg_compressibility"] == -line["eval/jpeg_incompressibility"] < 0
+  assert sorted(os.listdir(tmp_path / "images")) == [f"eval_00000{i}.png" for i in range(3)]
+  lines = lines[1:]
   for key in ("reward/jpeg_compressibility", "train/loss", "train/approx_kl", "train/clipfrac",
               "advantage/std", "nfe/per_prompt", "time/sample", "time/train"):
     assert key in lines[-1], key
@@ -62,7 +73,6 @@ def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
   assert abs(lines[0]["train/ratio_mean"] - 1.0) < 1e-4
   assert os.path.exists(tmp_path / "reward_curves.png")
   assert os.path.exists(tmp_path / "config.json")
-  assert sorted(os.listdir(tmp_path / "images"))
   assert metrics["reward/jpeg_compressibility"] < 0
 
   # mgrpo-sample renders from the run's checkpoint.
@@ -79,6 +89,24 @@ def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
   assert res.returncode == 0, res.stderr[-2000:]
   assert "from iteration 2" in res.stdout
   assert sorted(os.listdir(out)) == ["0000.png", "0001.png", "grid.png"]
+
+  # mgrpo-eval evaluates an earlier checkpoint on a prompt file the run never trained on.
+  heldout = synthetic_text.prompt_csv("heldout")
+  res = subprocess.run(
+      [sys.executable, "-m", "mgrpo_jax.evaluate",
+       f"--config={os.path.join(ROOT, 'configs', 'tiny_ocr_color.py')}:runlocal",
+       f"--checkpoint={tmp_path}", "--step=1", f"--config.data.dataset={heldout}",
+       "--num_prompts=4", f"--out={tmp_path / 'eval'}",
+       "--config.reward.names=('jpeg_compressibility','jpeg_incompressibility')",
+       "--config.reward.weights=(1.0,0.5)"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  result = json.load(open(tmp_path / "eval" / "eval.json"))
+  assert result["iteration"] == 1
+  assert [p["prompt"] for p in result["per_prompt"]] == [
+      r.prompt for r in prompts_lib.load_prompts(heldout)[:4]]
+  assert result["overall"]["mean_jpeg_compressibility"] == pytest.approx(
+      -result["overall"]["mean_jpeg_incompressibility"])
 
 
 @needs_data
