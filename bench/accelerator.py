@@ -51,8 +51,9 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.models import attention as attention_lib
 from mgrpo_jax.models import flux_transformer, lora as lora_lib, sd3_transformer
 from mgrpo_jax.sampling import rollout as rollout_lib
@@ -275,7 +276,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
       tag = tags[attention]
       stage = part  # the row an exception is recorded under
       try:
-        policy = trainer_lib.Policy(graphdef_of(attention, True), True)
+        policy = policy_lib.Policy(graphdef_of(attention, True), True)
         if part == "forward":
           plain_graphdef = graphdef_of(attention, False)
           x = jax.random.normal(jax.random.key(2), (work.batch,) + work.latent, jnp.float32)
@@ -328,7 +329,7 @@ def _jax_train(work, policy, adapters, base, sigmas, sampler, warmup, repeats):
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(3e-4, weight_decay=1e-4))
   spec = make_tree_spec(work.steps, schedule.sde_step_mask(work.steps, None), num_roots=1)
-  step = jax.jit(trainer_lib.make_train_step(
+  step = jax.jit(train_step_lib.make_train_step(
       policy, tx, spec, sampler, sigmas,
       _Cfg(beta=BETA, clip_range=CLIP_RANGE, kl_mode="flow_grpo")), donate_argnums=(0,))
   n = work.train_batch

@@ -50,8 +50,9 @@ import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import mgrpo_jax  # noqa: E402,F401
+from mgrpo_jax import policy as policy_lib  # noqa: E402
 from mgrpo_jax import sharding as sharding_lib  # noqa: E402
-from mgrpo_jax import trainer as trainer_lib  # noqa: E402
+from mgrpo_jax import train_step as train_step_lib  # noqa: E402
 from mgrpo_jax.models import flux_transformer, sd3_transformer  # noqa: E402
 from mgrpo_jax.models import lora as lora_lib  # noqa: E402
 from mgrpo_jax.sampling import rollout as rollout_lib  # noqa: E402
@@ -130,7 +131,7 @@ def plan(args, per_device: int, layers: tuple[int, ...]) -> dict[str, float]:
                                          "b1": 0.9, "b2": 0.999, "adam_eps": 1e-8,
                                          "weight_decay": 1e-4, "max_grad_norm": 1.0,
                                          "grad_accum_steps": 1})
-  tx = trainer_lib.make_optimizer(ml_collections.ConfigDict({"train": train_cfg}))
+  tx = policy_lib.make_optimizer(ml_collections.ConfigDict({"train": train_cfg}))
   opt_state = jax.eval_shape(tx.init, trainable)
   replicated = sharding_lib.replicated(mesh)
   # Moments shard like their parameters; scalar counters are replicated.
@@ -147,8 +148,8 @@ def plan(args, per_device: int, layers: tuple[int, ...]) -> dict[str, float]:
   spec = make_tree_spec(T, schedule.sde_step_mask(T, None), num_roots=1)
   sampler = rollout_lib.SamplerConfig(guidance_scale=args.cfg)
   sigmas = schedule.flow_match_sigmas(T, 3.0)
-  step = trainer_lib.make_train_step(trainer_lib.Policy(graphdef, True), tx, spec, sampler,
-                                     sigmas, train_cfg)
+  step = train_step_lib.make_train_step(policy_lib.Policy(graphdef, True), tx, spec, sampler,
+                                        sigmas, train_cfg)
 
   P = per_device * sharding_lib.batch_size_multiple(mesh)
   h = args.resolution // 8

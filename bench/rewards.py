@@ -29,14 +29,17 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import rewards as rewards_lib
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import clip as clip_lib
 from mgrpo_jax.models import registry
 from mgrpo_jax.rewards import device as device_lib
+from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REWARDS = ("ocr", "text_color", "jpeg_compressibility")
@@ -86,12 +89,12 @@ def overlap(batches: int, workers: int) -> tuple[float, float, float]:
                         "tiny_ocr_color").get_config()
   mesh = sharding_lib.make_mesh(config.mesh)
   generator = registry.get_generator(config.model)
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
-  policy = trainer_lib.Policy(graphdef, True)
-  spec = trainer_lib.tree_spec_from_config(config)
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
+  policy = policy_lib.Policy(graphdef, True)
+  spec = tree_spec_from_config(config)
   sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
-  sample = jax.jit(trainer_lib.make_sample_fn(policy, spec, trainer_lib.sampler_from_config(config),
-                                              sigmas, generator.latent_shape))
+  sample = jax.jit(train_step_lib.make_sample_fn(
+      policy, spec, rollout_lib.sampler_from_config(config), sigmas, generator.latent_shape))
   P = config.data.prompts_per_batch
   prompts = [f'a sign that reads "word {i}"' for i in range(P)]
   tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)

@@ -20,8 +20,9 @@ import time
 
 import jax
 
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import registry
 from mgrpo_jax.sampling import rollout as rollout_lib
@@ -60,9 +61,9 @@ def main():
   base.model.head_dim = 32
   mesh = sharding_lib.make_mesh(base.mesh)
   generator = registry.get_generator(base.model)
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, base, mesh)
-  policy = trainer_lib.Policy(graphdef, True)
-  sampler = trainer_lib.sampler_from_config(base)
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, base, mesh)
+  policy = policy_lib.Policy(graphdef, True)
+  sampler = rollout_lib.sampler_from_config(base)
   sigmas = schedule.flow_match_sigmas(args.steps, base.sample.shift)
   mask = schedule.sde_step_mask(args.steps, None)
   prompts = [f"a sign that reads \"bench {i}\"" for i in range(args.prompts)]
@@ -74,8 +75,8 @@ def main():
     spec = make_tree_spec(args.steps, mask, num_roots=roots, branch_steps=branch_steps,
                           branch_factors=factors)
     assert spec.num_leaves == args.leaves, (name, spec.num_leaves)
-    fn = jax.jit(trainer_lib.make_sample_fn(policy, spec, sampler, sigmas,
-                                            generator.latent_shape))
+    fn = jax.jit(train_step_lib.make_sample_fn(policy, spec, sampler, sigmas,
+                                               generator.latent_shape))
 
     @jax.jit
     def denoise(trainable, cond, neg_cond, key, spec=spec):

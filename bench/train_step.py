@@ -19,11 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import registry
+from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,31 +52,31 @@ def main():
 
   mesh = sharding_lib.make_mesh(config.mesh)
   generator = registry.get_generator(config.model)
-  spec = trainer_lib.tree_spec_from_config(config)
-  sampler = trainer_lib.sampler_from_config(config)
+  spec = tree_spec_from_config(config)
+  sampler = rollout_lib.sampler_from_config(config)
   sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
-  policy = trainer_lib.Policy(graphdef, bool(config.lora.enabled))
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
+  policy = policy_lib.Policy(graphdef, bool(config.lora.enabled))
   P = config.data.prompts_per_batch
   prompts = [f'a sign that reads "bench {i}"' for i in range(P)]
   tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
   neg = sharding_lib.global_batch(generator.tokenize([""] * P), mesh)
 
-  sample = jax.jit(trainer_lib.make_sample_fn(policy, spec, sampler, sigmas,
-                                              generator.latent_shape))
+  sample = jax.jit(train_step_lib.make_sample_fn(policy, spec, sampler, sigmas,
+                                                 generator.latent_shape))
   t_sample = median_seconds(
       lambda r: sample(trainable, frozen, tokens, neg, jax.random.key(r)), args.repeats)
   out, cond, neg_cond, _ = sample(trainable, frozen, tokens, neg, jax.random.key(0))
 
-  tx = trainer_lib.make_optimizer(config)
+  tx = policy_lib.make_optimizer(config)
   nmb = config.train.num_minibatches
-  minibatches, normalizer = jax.jit(trainer_lib.make_minibatch_fn(nmb))(
+  minibatches, normalizer = jax.jit(train_step_lib.make_minibatch_fn(nmb))(
       {"latents": out.latents, "next_latents": out.next_latents, "log_probs": out.log_probs,
        "steps": out.steps, "advantages": jnp.ones_like(out.log_probs),
        "keep": jnp.ones_like(out.log_probs)}, jax.random.key(0))
   batch = jax.tree.map(lambda a: a[0], minibatches)
   batch.update(cond=cond, neg_cond=neg_cond, normalizer=normalizer[0])
-  step = jax.jit(trainer_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
+  step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
   state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
            "step": jnp.zeros([], jnp.int32)}
   t_train = median_seconds(lambda r: step(state, batch, jax.random.key(r), frozen)[1]["loss"],

@@ -86,6 +86,23 @@ class AdvantageConfig:
     if any(int(j) != j or j < 0 for j in levels) or len(set(levels)) != len(levels):
       raise ValueError(f"advantage train_levels must be distinct levels >= 0, got {levels}")
 
+  @classmethod
+  def from_config(cls, config) -> AdvantageConfig:
+    """The `config.advantage` group (and `reward.weights`, `tree.mode`) of a run's ConfigDict."""
+    if len(config.reward.names) != len(config.reward.weights):
+      raise ValueError(f"reward.names {tuple(config.reward.names)} and reward.weights "
+                       f"{tuple(config.reward.weights)} must have the same length")
+    std = config.advantage.std
+    if std == "auto":  # the paper's per-group std for trees, Flow-GRPO's global std when flat
+      std = "group" if config.tree.mode == "tree" else "global"
+    return cls(
+        mode=config.advantage.mode, scope=config.advantage.scope, std=std,
+        eps=float(config.advantage.eps), clip=float(config.advantage.clip),
+        weights=tuple(float(w) for w in config.reward.weights),
+        drop_zero_groups=bool(config.advantage.drop_zero_groups),
+        prune_spread=float(config.advantage.prune_spread),
+        train_levels=tuple(int(j) for j in config.advantage.train_levels))
+
   def check_tree(self, spec: TreeSpec) -> None:
     """Raises ValueError if the settings do not fit the tree `spec`."""
     bad = [j for j in self.train_levels if j >= spec.num_levels]

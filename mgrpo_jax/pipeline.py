@@ -32,7 +32,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import train_step as train_step_lib
+from mgrpo_jax.sampling import rollout as rollout_lib
+from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import TreeSpec
 
 _PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
@@ -129,22 +134,19 @@ class Pipeline:
     self._graphdef, self._trainable, self._frozen = weights
     self.lora_source = lora_source
     self.iteration = iteration  # the workdir checkpoint's iteration, if loaded from one
-    from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-    self._policy = trainer_lib.Policy(self._graphdef, bool(config.lora.enabled))
+    self._policy = policy_lib.Policy(self._graphdef, bool(config.lora.enabled))
     self._jitted = {}
 
   def _sample_fn(self, steps: int, guidance: float):
     """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]."""
     if (steps, guidance) in self._jitted:
       return self._jitted[steps, guidance]
-    from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
-    from mgrpo_jax.sampling.tree import TreeSpec  # pylint: disable=import-outside-toplevel
-    sampler = dataclasses.replace(trainer_lib.sampler_from_config(self.config),
+    sampler = dataclasses.replace(rollout_lib.sampler_from_config(self.config),
                                   guidance_scale=float(guidance))
     spec = TreeSpec(steps, 1, (), (), (False,) * steps)  # ODE, one image per prompt
-    sigmas = trainer_lib.generator_sigmas(self.generator, self.config, steps)
-    sample = trainer_lib.make_sample_fn(self._policy, spec, sampler, sigmas,
-                                        self.generator.latent_shape)
+    sigmas = schedule.generator_sigmas(self.generator, self.config, steps)
+    sample = train_step_lib.make_sample_fn(self._policy, spec, sampler, sigmas,
+                                           self.generator.latent_shape)
     fn = jax.jit(lambda *args: sample(*args)[3][:, 0])
     self._jitted[steps, guidance] = sharding_lib.with_mesh(fn, self.mesh)
     return self._jitted[steps, guidance]
@@ -242,7 +244,6 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
     FileNotFoundError / ValueError naming the bad path, field or tensor.
   """
   from mgrpo_jax import export  # pylint: disable=import-outside-toplevel
-  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=import-outside-toplevel
   from mgrpo_jax.models import registry  # pylint: disable=import-outside-toplevel
   if isinstance(path_or_config, ml_collections.ConfigDict):
     if model_overrides:
@@ -275,7 +276,7 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
     config.lora.rank, config.lora.alpha = rank, float(rank)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
   iteration = None
   if lora is not None and _is_workdir(lora):
     trainable, iteration = _restore_workdir(trainable, lora, ema, step)

@@ -25,7 +25,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mgrpo_jax import advantages as adv_lib
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax.sampling import rollout as rollout_lib
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 
 class PlanError(ValueError):
@@ -300,27 +303,26 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
   Returns:
     The Plan (table rows and problems); it does not raise for config problems.
   """
-  from mgrpo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   plan = Plan()
   num_devices = jax.device_count() if num_devices is None else int(num_devices)
   num_processes = jax.process_count() if num_processes is None else int(num_processes)
 
   spec = None
   try:
-    spec = trainer_lib.tree_spec_from_config(config)
+    spec = tree_spec_from_config(config)
   except ValueError as e:
     field = "tree.mode" if "tree.mode" in str(e) else ("tree" if config.tree.mode == "tree"
                                                       else "tree.group_size")
     plan.problem(field, str(e))
   try:
-    sampler = trainer_lib.sampler_from_config(config)
+    sampler = rollout_lib.sampler_from_config(config)
     if sampler.method not in ("sde", "cps"):
       plan.problem("sample.method", f"{sampler.method!r} unknown; expected 'sde' or 'cps'")
   except ValueError as e:
     plan.problem("sample", str(e))
   adv_cfg = None
   try:
-    adv_cfg = trainer_lib.advantage_config(config)
+    adv_cfg = adv_lib.AdvantageConfig.from_config(config)
   except ValueError as e:
     plan.problem("advantage" if "advantage" in str(e) else "reward.weights", str(e))
   if adv_cfg is not None and spec is not None:

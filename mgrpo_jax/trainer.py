@@ -1,6 +1,7 @@
 """The Multi-GRPO training loop: sample -> decode -> rewards (async) -> advantages -> PPO epochs.
 
-Device work is three functions, each jitted once with explicit shardings:
+Device work is three functions from `train_step.py`, each jitted here with explicit shardings
+(the model states, Policy and optimizer come from `policy.py`):
   sample_fn(params, tokens, neg_tokens, key)  -> rollout, conditioning, uint8 images
   advantage_fn(rewards, prompt_index, stats)  -> advantages, new per-prompt stats
   train_step(state, batch, rng, frozen)       -> new state, metrics
@@ -10,32 +11,37 @@ samples the next batch, writes metrics, images and checkpoints, and resumes from
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import functools
+import hashlib
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mgrpo_jax import advantages as adv_lib
-from mgrpo_jax import losses
+from mgrpo_jax import checkpoint as ckpt_lib
+from mgrpo_jax import export
+from mgrpo_jax import metrics as metrics_lib
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax import workdir as workdir_lib
+from mgrpo_jax.data import loader as loader_lib
 from mgrpo_jax.data import prompts as prompts_lib
+from mgrpo_jax.models import registry
+from mgrpo_jax.rewards import scorer as scorer_lib
 from mgrpo_jax.sampling import rollout as rollout_lib
-from mgrpo_jax.sampling import schedule, steps as steps_lib
-from mgrpo_jax.sampling.tree import TreeSpec, make_tree_spec
-
-Params = Any
+from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import TreeSpec, tree_spec_from_config
 
 # Exit status of a run stopped by SIGTERM after writing its checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"), so schedulers can tell preemption from failure and requeue.
@@ -44,195 +50,6 @@ PREEMPTED_EXIT_CODE = 75
 
 class Preempted(Exception):
   """Raised after a SIGTERM-triggered checkpoint; the run can be resumed from the workdir."""
-
-
-# ---- configuration -> static objects ----------------------------------------------------------
-def tree_spec_from_config(config: ml_collections.ConfigDict, window=None) -> TreeSpec:
-  """The rollout shape; `window` (start, stop) overrides `sample.sde_window`.
-
-  With a moving window (`sample.sde_window_mode` other than "fixed") the default is the first
-  iteration's window.
-  """
-  T = config.sample.num_steps
-  mode = config.sample.get("sde_window_mode", "fixed")
-  if window is None and mode != "fixed":
-    window = schedule.moving_window(
-        0, mode=mode, size=config.sample.sde_window_size,
-        window_range=tuple(config.sample.sde_window_range), num_steps=T, seed=config.seed,
-        every=config.sample.sde_window_every)
-  window = tuple(config.sample.sde_window if window is None else window)
-  mask = schedule.sde_step_mask(T, None if window == (-1, -1) else window)
-  if config.tree.mode == "flat":
-    return make_tree_spec(T, mask, num_roots=config.tree.group_size)
-  if config.tree.mode == "tree":
-    return make_tree_spec(T, mask, num_roots=config.tree.num_roots,
-                          branch_steps=config.tree.branch_steps,
-                          branch_factors=config.tree.branch_factors)
-  raise ValueError(f"tree.mode must be 'tree' or 'flat', got {config.tree.mode!r}")
-
-
-def sampler_from_config(config) -> rollout_lib.SamplerConfig:
-  return rollout_lib.SamplerConfig(
-      method=config.sample.method, noise_level=float(config.sample.noise_level),
-      guidance_scale=float(config.sample.guidance_scale), cps_logprob=config.sample.cps_logprob,
-      same_latent=bool(config.sample.same_latent))
-
-
-def generator_sigmas(generator, config, num_steps: int) -> np.ndarray:
-  """The [T + 1] sigma schedule: the generator's own (FLUX) or SD3's with `sample.shift`."""
-  if generator.sigmas is not None:
-    return generator.sigmas(num_steps)
-  return schedule.flow_match_sigmas(num_steps, config.sample.shift)
-
-
-def advantage_config(config) -> adv_lib.AdvantageConfig:
-  if len(config.reward.names) != len(config.reward.weights):
-    raise ValueError(f"reward.names {tuple(config.reward.names)} and reward.weights "
-                     f"{tuple(config.reward.weights)} must have the same length")
-  std = config.advantage.std
-  if std == "auto":  # the paper's per-group std for trees, Flow-GRPO's global std when flat
-    std = "group" if config.tree.mode == "tree" else "global"
-  return adv_lib.AdvantageConfig(
-      mode=config.advantage.mode, scope=config.advantage.scope, std=std,
-      eps=float(config.advantage.eps), clip=float(config.advantage.clip),
-      weights=tuple(float(w) for w in config.reward.weights),
-      drop_zero_groups=bool(config.advantage.drop_zero_groups),
-      prune_spread=float(config.advantage.prune_spread),
-      train_levels=tuple(int(j) for j in config.advantage.train_levels))
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  t = config.train
-  tx = optax.chain(
-      optax.clip_by_global_norm(t.max_grad_norm),
-      optax.adamw(t.learning_rate, b1=t.b1, b2=t.b2, eps=t.adam_eps, weight_decay=t.weight_decay))
-  if t.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=t.grad_accum_steps)
-  return tx
-
-
-def init_opt_state(tx, trainable, mesh):
-  """Optimizer state created sharded: moments like their parameters, counters replicated."""
-  abstract = jax.eval_shape(tx.init, trainable)
-  param_shardings = jax.tree.map(lambda a: a.sharding, trainable)
-  replicated = sharding_lib.replicated(mesh)
-  shardings = optax.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract, param_shardings,
-      transform_non_params=lambda _: replicated)
-  return jax.jit(tx.init, out_shardings=shardings)(trainable)
-
-
-# ---- the policy as pure functions of (trainable, frozen) states ----------------------------------
-@dataclasses.dataclass(frozen=True)
-class Policy:
-  """Pure-function view of a generator module split into trainable and frozen states.
-
-  With LoRA, trainable = adapter weights and frozen = base weights; the reference policy is the
-  same graph with the adapters zeroed. Without LoRA, trainable = all weights and frozen = a copy
-  of the initial weights kept as the reference (empty when the KL weight is 0).
-  """
-
-  graphdef: Any
-  lora: bool
-
-  def module(self, trainable, frozen, reference=False):
-    if self.lora:
-      if reference:
-        trainable = jax.tree.map(jnp.zeros_like, trainable)
-      return nnx.merge(self.graphdef, trainable, frozen)
-    return nnx.merge(self.graphdef, frozen if reference else trainable)
-
-  def velocity_fn(self, trainable, frozen, reference=False):
-    model = self.module(trainable, frozen, reference)
-    return lambda x, sigma, cond: model.velocity(x, sigma, cond)
-
-
-def build_model_states(generator, config, mesh):
-  """Creates (graphdef, trainable, frozen) with every array born in its sharding."""
-  from mgrpo_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  seed = config.seed
-  use_lora = bool(config.lora.enabled)
-  keep_reference = (not use_lora) and config.train.beta > 0
-
-  def make():
-    model = generator.make_module(nnx.Rngs(seed))
-    if use_lora:
-      lora_lib.apply_lora(model, tuple(config.lora.targets), int(config.lora.rank),
-                          float(config.lora.alpha), rngs=nnx.Rngs(seed + 1))
-    return model
-
-  def split(model):
-    if use_lora:
-      graphdef, trainable, frozen = lora_lib.split_lora(model)
-    else:
-      graphdef, trainable = nnx.split(model)
-      frozen = trainable if keep_reference else nnx.State({})
-    return graphdef, trainable, frozen
-
-  with sharding_lib.fast_module_tracing():
-    graphdef, _, _ = split(nnx.eval_shape(make))
-
-  def init():
-    _, trainable, frozen = split(make())
-    return trainable, frozen
-
-  # The frozen reference of full fine-tuning must not share buffers with the trainable state,
-  # which the train step donates.
-  copy = lambda state: jax.tree.map(jnp.copy, state)
-  if generator.load_weights is None:
-    trainable, frozen = sharding_lib.create_sharded(init, mesh)
-    return graphdef, trainable, copy(trainable) if keep_reference else frozen
-  # Real weights: nothing of the base is initialised randomly. Only the adapters are created (the
-  # base's random init is dead code XLA drops); the rest streams from disk into its sharding.
-  with sharding_lib.fast_module_tracing():
-    abstract_trainable, abstract_frozen = jax.eval_shape(init)
-  if use_lora:
-    trainable = sharding_lib.create_sharded(lambda: init()[0], mesh)
-    frozen = generator.load_weights(abstract_frozen, mesh)
-  else:
-    trainable = generator.load_weights(abstract_trainable, mesh)
-    frozen = copy(trainable) if keep_reference else nnx.State({})
-  return graphdef, trainable, frozen
-
-
-# ---- jitted functions --------------------------------------------------------------------------
-def make_encode_fn(policy: Policy):
-  """(trainable, frozen, tokens) -> conditioning pytree [B, ...]."""
-
-  def encode_fn(trainable, frozen, tokens):
-    return policy.module(trainable, frozen).encode_text(tokens)
-
-  return encode_fn
-
-
-def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
-  """(trainable, frozen, cond, neg_cond, key) -> (Rollout, images uint8 [P, L, H, W, 3])."""
-
-  def sample_fn(trainable, frozen, cond, neg_cond, key):
-    model = policy.module(trainable, frozen)
-    out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond, key, spec,
-                              sigmas, latent_shape, sampler)
-    P, L = out.final_latents.shape[:2]
-    images = model.decode(out.final_latents.reshape((P * L,) + out.final_latents.shape[2:]))
-    images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
-    return out, images.reshape((P, L) + images.shape[1:])
-
-  return sample_fn
-
-
-def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
-  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
-  encode = make_encode_fn(policy)
-  from_cond = make_sample_from_cond_fn(policy, spec, sampler, sigmas, latent_shape)
-
-  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
-    cond = encode(trainable, frozen, tokens)
-    use_cfg = sampler.guidance_scale != 1.0
-    neg_cond = encode(trainable, frozen, neg_tokens) if use_cfg else None
-    out, images = from_cond(trainable, frozen, cond, neg_cond, key)
-    return out, cond, neg_cond, images
-
-  return sample_fn
 
 
 class TextCache:
@@ -244,7 +61,6 @@ class TextCache:
   """
 
   def __init__(self, max_prompts: int):
-    import collections  # pylint: disable=g-import-not-at-top
     self.max_prompts = max_prompts
     self._entries = collections.OrderedDict()
     self.hits = self.misses = 0
@@ -266,189 +82,7 @@ class TextCache:
     return jax.tree.map(lambda *a: np.stack(a), *rows)
 
 
-def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
-  """Builds train_step(state, batch, rng, frozen) -> (state, metrics).
-
-  state: {'trainable', 'opt_state', 'step'} (+ 'ema'); `step` counts minibatches.
-  batch (P prompts x m transitions each): latents / next_latents [P, m, h, w, c],
-  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...],
-  normalizer (optional): scalar divisor of the loss's weighted means (see `make_minibatch_fn`;
-  default the minibatch's `keep` sum).
-  """
-  sigmas = jnp.asarray(sigmas)
-  ema_decay = float(train_cfg.get("ema_decay", 0.0))
-  ema_every = int(train_cfg.get("ema_every", 1))
-  ema_warmup = bool(train_cfg.get("ema_warmup", False))
-  accum = max(int(train_cfg.get("grad_accum_steps", 1)), 1)
-  beta = float(train_cfg.beta)
-  clip_range = float(train_cfg.clip_range)
-  kl_mode = train_cfg.kl_mode
-  if kl_mode not in losses.KL_MODES:
-    raise ValueError(f"train.kl_mode must be one of {losses.KL_MODES}, got {kl_mode!r}")
-  # GRPO-Guard (losses.py): RatioNorm and per-step reweighting of the policy loss.
-  ratio_norm = bool(train_cfg.get("ratio_norm", False))
-  step_reweight = train_cfg.get("step_reweight", "none")
-  losses.step_reweight_weights(step_reweight, 1.0, 0.0)  # validates the mode before tracing
-
-  def train_step(state, batch, rng, frozen):
-    del rng  # the update is deterministic; kept for a uniform step signature
-    P, m = batch["log_probs"].shape
-    flat = lambda a: a.reshape((P * m,) + a.shape[2:])
-    x, x_next = flat(batch["latents"]), flat(batch["next_latents"])
-    step = flat(batch["steps"])
-    sigma, sigma_prev = sigmas[step], sigmas[step + 1]
-    per_transition = lambda c: None if c is None else rollout_lib.repeat_cond(c, m)
-    cond, neg_cond = per_transition(batch["cond"]), per_transition(batch.get("neg_cond"))
-
-    def loss_fn(trainable):
-      v = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen), x, sigma, cond,
-                                      neg_cond, sampler.guidance_scale)
-      out = steps_lib.step_with_logprob(
-          sampler.method, v, x, sigma, sigma_prev, noise_level=sampler.noise_level,
-          sigma_max=sigmas[1], prev_sample=x_next, cps_logprob=sampler.cps_logprob)
-      ref_mean = None
-      if beta > 0:
-        v_ref = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen, reference=True),
-                                            x, sigma, cond, neg_cond, sampler.guidance_scale)
-        ref_mean, _, _ = steps_lib.transition_mean_std(
-            sampler.method, jax.lax.stop_gradient(v_ref), x, sigma, sigma_prev,
-            noise_level=sampler.noise_level, sigma_max=sigmas[1])
-      kl_std = out.std if kl_mode == "flow_grpo" else out.transition_std
-      norm_scale = (losses.ratio_norm_scale(sampler.method, sampler.cps_logprob,
-                                            out.transition_std) if ratio_norm else None)
-      res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
-                             clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
-                             kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
-                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"),
-                             ratio_norm_scale=norm_scale,
-                             step_weights=losses.step_reweight_weights(step_reweight, sigma,
-                                                                       sigma_prev))
-      return res.loss, res.metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    trainable = optax.apply_updates(state["trainable"], updates)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    # The minibatch's weight in the epoch's metrics: its loss divisor (see `_mean_metrics`).
-    metrics["minibatch_weight"] = (batch["normalizer"] if "normalizer" in batch
-                                   else batch["keep"].sum()).astype(jnp.float32)
-    new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
-    if "ema" in state:
-      # EMA of the trained weights (Flow-GRPO evaluates with it), updated after every
-      # `ema_every`-th optimizer update (with gradient accumulation an update is `accum`
-      # minibatches). With warm-up the decay is Flow-GRPO's min((1 + u) / (10 + u), decay) for
-      # u optimizer updates before this one (flow_grpo/ema.py, get_current_decay).
-      updates_done = new_state["step"] // accum  # optimizer updates, this one included
-      is_update = new_state["step"] % accum == 0
-      decay = jnp.asarray(ema_decay, jnp.float32)
-      if ema_warmup:
-        u = (updates_done - 1).astype(jnp.float32)
-        decay = jnp.minimum((1.0 + u) / (10.0 + u), decay)
-      decay = jnp.where(is_update & (updates_done % ema_every == 0), decay, 1.0)
-      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                      state["ema"], trainable)
-    return new_state, metrics
-
-  return train_step
-
-
-def minibatch_layout(num_transitions: int, num_minibatches: int) -> tuple[np.ndarray, np.ndarray]:
-  """Static split of M shuffled positions into `num_minibatches` rows of equal length.
-
-  Position p goes to minibatch p % n, slot p // n, so minibatch sizes differ by at most one real
-  transition; the slots past M are padding.
-
-  Returns:
-    (position int32 [n, m], valid bool [n, m]) with m = ceil(M / n); padded slots point at
-    position 0 and are not valid.
-  """
-  n, M = num_minibatches, num_transitions
-  if n < 1:
-    raise ValueError(f"train.num_minibatches must be >= 1, got {n}")
-  if n > M:
-    raise ValueError(f"train.num_minibatches={n} is more than the {M} stored transitions per "
-                     f"prompt: a minibatch would hold nothing but padding")
-  m = -(-M // n)
-  position = np.arange(n * m).reshape(m, n).T
-  valid = position < M
-  return np.where(valid, position, 0).astype(np.int32), valid
-
-
-def make_minibatch_fn(num_minibatches: int):
-  """Shuffles every prompt's transitions independently and splits them into minibatches.
-
-  Any transition count M per prompt works: minibatches hold ceil(M / n) rows, the rows past M are
-  padding with `keep` 0 (see `minibatch_layout`). Shuffling along the transition axis only keeps
-  each prompt's rows on its data shard.
-  Returns fn(data {name: [P, M, ...]}, key) -> ({name: [n, P, m, ...]}, normalizer [n]), where
-  the normalizer of every minibatch is (sum of `keep` over the batch) / n: the divisor that makes
-  the mean of the n minibatch losses the batch's weighted mean loss.
-  """
-
-  def fn(data, key):
-    P, M = data["log_probs"].shape
-    position, valid = minibatch_layout(M, num_minibatches)
-    n, m = position.shape
-    perm = jax.vmap(lambda k: jax.random.permutation(k, M))(jax.random.split(key, P))
-    rows = perm[:, position.reshape(-1)]  # [P, n * m] transition index of every slot
-
-    def split(a):
-      idx = rows.reshape(rows.shape + (1,) * (a.ndim - 2))
-      a = jnp.take_along_axis(a, idx, axis=1)
-      return jnp.swapaxes(a.reshape((P, n, m) + a.shape[2:]), 0, 1)
-
-    out = jax.tree.map(split, data)
-    out["keep"] = out["keep"] * jnp.asarray(valid, out["keep"].dtype)[:, None, :]
-    normalizer = jnp.full([n], data["keep"].sum() / n, jnp.float32)
-    return out, normalizer
-
-  return fn
-
-
-# ---- host loop ---------------------------------------------------------------------------------
-def _mean_metrics(metrics_list) -> dict[str, float]:
-  """Epoch metrics from a list of per-minibatch metric dicts (one device_get for all of them).
-
-  Scalars are averaged over minibatches weighted by their loss divisors (`minibatch_weight`):
-  every minibatch's weighted means divide by its batch's kept weight / num_minibatches, so this
-  is the weighted mean over every kept transition of the epoch, and batches whose transitions
-  were all dropped count for nothing. Per-step sums are added before dividing.
-  """
-  if not metrics_list:
-    return {}
-  host = jax.device_get(metrics_list)
-  stacked = {name: np.stack([np.asarray(m[name], np.float64) for m in host]) for name in host[0]}
-  weight = stacked.pop("minibatch_weight", np.ones(len(host)))
-  total = weight.sum()
-  average = lambda v: float((v * weight).sum() / total) if total > 0 else 0.0
-  out = {}
-  for name, values in stacked.items():
-    if values.ndim == 1:
-      out[f"train/{name}"] = average(values)
-  if "ratio_sq_mean" in stacked:
-    mean, sq = average(stacked["ratio_mean"]), average(stacked.pop("ratio_sq_mean"))
-    out.pop("train/ratio_sq_mean")
-    out["train/ratio_std"] = float(np.sqrt(max(sq - mean**2, 0.0)))
-  if "count_per_step" in stacked:
-    count = stacked["count_per_step"].sum(0)
-    mean, std = losses.per_step_ratio_stats(count, stacked["ratio_sum_per_step"].sum(0),
-                                            stacked["ratio_sq_sum_per_step"].sum(0))
-    for s, c in enumerate(count):
-      if c > 0:  # report each step that has transitions
-        out[f"train/ratio_mean_per_step/{s}"] = float(mean[s])
-        out[f"train/ratio_std_per_step/{s}"] = float(std[s])
-    if "ratio_norm_sum_per_step" in stacked:  # GRPO-Guard's ratio after RatioNorm
-      mean, std = losses.per_step_ratio_stats(count, stacked["ratio_norm_sum_per_step"].sum(0),
-                                              stacked["ratio_norm_sq_sum_per_step"].sum(0))
-      for s, c in enumerate(count):
-        if c > 0:
-          out[f"train/ratio_norm_mean_per_step/{s}"] = float(mean[s])
-          out[f"train/ratio_norm_std_per_step/{s}"] = float(std[s])
-  return out
-
-
 def config_hash(config) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -467,11 +101,6 @@ class Trainer:
         still match).
       step: the checkpoint to restore (default the latest).
     """
-    from mgrpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-    from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-    from mgrpo_jax.data import loader as loader_lib  # pylint: disable=g-import-not-at-top
-    from mgrpo_jax.models import registry  # pylint: disable=g-import-not-at-top
-
     self.config = config
     self.workdir = workdir
     self.inference = inference
@@ -479,8 +108,8 @@ class Trainer:
     os.makedirs(workdir, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh)
     self.spec = tree_spec_from_config(config)
-    self.sampler = sampler_from_config(config)
-    self.adv_cfg = advantage_config(config)
+    self.sampler = rollout_lib.sampler_from_config(config)
+    self.adv_cfg = adv_lib.AdvantageConfig.from_config(config)
     self.adv_cfg.check_tree(self.spec)
 
     P = config.data.prompts_per_batch
@@ -507,13 +136,13 @@ class Trainer:
 
     # Model and optimizer state, created sharded.
     self.generator = registry.get_generator(config.model)
-    self.sigmas = generator_sigmas(self.generator, config, config.sample.num_steps)
-    graphdef, trainable, self.frozen = build_model_states(self.generator, config, self.mesh)
-    from mgrpo_jax import export  # pylint: disable=g-import-not-at-top
+    self.sigmas = schedule.generator_sigmas(self.generator, config, config.sample.num_steps)
+    graphdef, trainable, self.frozen = policy_lib.build_model_states(self.generator, config,
+                                                                     self.mesh)
     trainable = export.init_from_config(trainable, config)  # lora.init_from, if set
-    self.policy = Policy(graphdef, bool(config.lora.enabled))
-    self.tx = make_optimizer(config)
-    opt_state = init_opt_state(self.tx, trainable, self.mesh)
+    self.policy = policy_lib.Policy(graphdef, bool(config.lora.enabled))
+    self.tx = policy_lib.make_optimizer(config)
+    opt_state = policy_lib.init_opt_state(self.tx, trainable, self.mesh)
     replicated = sharding_lib.replicated(self.mesh)
     self.state = {"trainable": trainable, "opt_state": opt_state,
                   "step": jax.device_put(jnp.zeros([], jnp.int32), replicated)}
@@ -536,14 +165,15 @@ class Trainer:
         raise ValueError("sample.text_cache_size > 0 needs frozen text encoders: LoRA enabled "
                          "and no lora.targets inside text_encoder*")
       self.text_cache = TextCache(int(config.sample.text_cache_size))
-      self.encode_fn = on_mesh(jax.jit(make_encode_fn(self.policy)))
+      self.encode_fn = on_mesh(jax.jit(train_step_lib.make_encode_fn(self.policy)))
     eval_spec = TreeSpec(config.sample.eval_num_steps, 1, (), (),
                          (False,) * config.sample.eval_num_steps)
-    self.eval_fn = on_mesh(jax.jit(make_sample_fn(
+    self.eval_fn = on_mesh(jax.jit(train_step_lib.make_sample_fn(
         self.policy, eval_spec, self.sampler,
-        generator_sigmas(self.generator, config, config.sample.eval_num_steps),
+        schedule.generator_sigmas(self.generator, config, config.sample.eval_num_steps),
         self.generator.latent_shape)))
-    self.minibatch_fn = on_mesh(jax.jit(make_minibatch_fn(config.train.num_minibatches)))
+    self.minibatch_fn = on_mesh(jax.jit(train_step_lib.make_minibatch_fn(
+        config.train.num_minibatches)))
     # The functions that depend on the rollout shape, one set per SDE window: a moving window
     # (sample.sde_window_mode) switches between them each iteration (`_use_window`). Every
     # position's spec is built here, so a branch step outside some position is an error now.
@@ -567,7 +197,6 @@ class Trainer:
       self._set_spec_fns(self.spec)
 
     # Learned rewards run on the device next to the policy; the rest on the host thread pool.
-    from mgrpo_jax.rewards import scorer as scorer_lib  # pylint: disable=g-import-not-at-top
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)
     # One writer per workdir, locked before anything below touches it (orbax deletes unfinished
     # saves when it opens the directory; the writer appends to metrics.jsonl).
@@ -577,7 +206,6 @@ class Trainer:
           workdir, max_to_keep=config.log.keep_checkpoints, read_only=inference)
       self.writer = metrics_lib.MetricWriter(workdir, enabled=self.is_primary and not inference,
                                              config=config)
-      self.metrics_lib = metrics_lib
       self.start_iteration = 0
       self._maybe_restore(step)
       # The logs keep exactly the iterations of the restored state: what a killed run logged
@@ -591,39 +219,6 @@ class Trainer:
         self._lock.release()
       raise
 
-  @staticmethod
-  def _advantages(rewards, prompt_index, stats, *, spec, cfg):
-    """rewards [P, B, L, K], prompt_index [P, B] -> (Advantages [B, P, ...], stats, summary)."""
-    P, B = prompt_index.shape
-    rewards = jnp.swapaxes(rewards, 0, 1).reshape((B * P,) + rewards.shape[2:])
-    prompt_index = jnp.swapaxes(prompt_index, 0, 1).reshape(-1)
-    leaf_stats = None
-    if stats is not None:
-      stats, mean, std = adv_lib.update_prompt_stats(
-          stats, prompt_index, adv_lib.stats_rewards(rewards, cfg))
-      leaf_stats = (mean, std)
-    adv = adv_lib.compute_advantages(rewards, spec, cfg, leaf_stats)
-    # Summaries are reduced here, on device, so the host reads replicated scalars even when the
-    # batch spans processes.
-    summary = {"advantage/mean": adv.transitions.mean(), "advantage/std": adv.transitions.std(),
-               "advantage/abs_max": jnp.abs(adv.transitions).max(initial=0.0),
-               "advantage/kept_fraction": adv.keep.mean()}
-    # The credit each tree level gets: mean |A| of its nodes (level 0 = the roots' steps).
-    for j, (off, size) in enumerate(zip(spec.level_offsets, spec.level_sizes)):
-      summary[f"advantage/abs_mean/level_{j}"] = jnp.abs(adv.nodes[:, off:off + size]).mean()
-      # The share of the level's transitions that train (pruning, train_levels, zero groups).
-      on_level = np.asarray(spec.node_level)[spec.transition_node] == j
-      if on_level.any():
-        summary[f"advantage/kept_fraction/level_{j}"] = adv.keep[:, on_level].mean()
-    for k in range(rewards.shape[-1]):
-      summary[f"reward/{k}"] = rewards[..., k].mean()
-      summary[f"reward/{k}_std"] = rewards[..., k].std()
-    per_batch = lambda a: a.reshape((B, P) + a.shape[1:])
-    adv = adv_lib.Advantages(per_batch(adv.transitions), per_batch(adv.nodes),
-                             per_batch(adv.values), per_batch(adv.keep))
-    return adv, stats, summary
-
-  # -- checkpoints ---------------------------------------------------------------------------------
   def _checkpoint_state(self):
     # Every array in a multi-host checkpoint must be a global array: the key is replicated.
     rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)),
@@ -667,18 +262,17 @@ class Trainer:
     """Jits the sampling, training and advantage functions of one rollout shape."""
     config, on_mesh = self.config, functools.partial(sharding_lib.with_mesh, mesh=self.mesh)
     self.spec = spec
-    self.sample_fn = on_mesh(jax.jit(make_sample_fn(
+    self.sample_fn = on_mesh(jax.jit(train_step_lib.make_sample_fn(
         self.policy, spec, self.sampler, self.sigmas, self.generator.latent_shape)))
     if self.text_cache is not None:
-      self.sample_from_cond_fn = on_mesh(jax.jit(make_sample_from_cond_fn(
+      self.sample_from_cond_fn = on_mesh(jax.jit(train_step_lib.make_sample_from_cond_fn(
           self.policy, spec, self.sampler, self.sigmas, self.generator.latent_shape)))
-    train_step = make_train_step(self.policy, self.tx, spec, self.sampler, self.sigmas,
-                                 config.train)
+    train_step = train_step_lib.make_train_step(self.policy, self.tx, spec, self.sampler,
+                                                self.sigmas, config.train)
     train_state_sh = {k: v for k, v in self.state_shardings.items() if k != "prompt_stats"}
     self.train_step = on_mesh(jax.jit(train_step, donate_argnums=(0,),
                                       out_shardings=(train_state_sh, None)))
-    self.advantage_fn = on_mesh(jax.jit(functools.partial(self._advantages, spec=spec,
-                                                          cfg=self.adv_cfg)))
+    self.advantage_fn = on_mesh(jax.jit(train_step_lib.make_advantage_fn(spec, self.adv_cfg)))
 
   def _use_window(self, iteration: int):
     """Moving SDE windows: selects the iteration's window and its (cached) jitted functions."""
@@ -754,7 +348,6 @@ class Trainer:
       missing = [p for p in dict.fromkeys(batch) if p not in self.text_cache._entries]  # pylint: disable=protected-access
       need = bool(missing)
       if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         need = bool(np.any(multihost_utils.process_allgather(np.array(need))))
       if need and not missing:  # another process encodes: take part with a dummy batch
         encode(list(batch[:1]))
@@ -797,7 +390,7 @@ class Trainer:
       jax.block_until_ready(trainable_state)
     self.state.update(trainable_state)
 
-    out = _mean_metrics(train_metrics)
+    out = train_step_lib.mean_metrics(train_metrics)
     summary = jax.device_get(summary)
     for k, name in enumerate(cfg.reward.names):  # over the global batch, on every process
       out[f"reward/{name}"] = float(summary.pop(f"reward/{k}"))
@@ -856,7 +449,6 @@ class Trainer:
     _, _, _, images = self.eval_fn(weights, self.frozen, tokens, neg,
                                    jax.random.key(seed))
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)[:n, 0]
 
@@ -874,22 +466,21 @@ class Trainer:
   def _log_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
     if self.is_primary:
       print(f"eval {iteration} | " + " ".join(f"{k[len('eval/'):]}={v:.3f}"
-                                             for k, v in metrics.items()), flush=True)
+                                              for k, v in metrics.items()), flush=True)
 
   def _preemption_requested(self) -> bool:
     """True on every process once any process got SIGTERM (all stop at the same iteration)."""
     flag = self._sigterm
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
     return flag
 
   def run(self) -> dict[str, float]:
     cfg = self.config
-    timer = self.metrics_lib.Timer()
+    timer = metrics_lib.Timer()
     total = cfg.train.num_iterations
-    bar = self.metrics_lib.ProgressBar(total=total, initial=self.start_iteration,
-                                       enabled=self.is_primary and cfg.log.progress)
+    bar = metrics_lib.ProgressBar(total=total, initial=self.start_iteration,
+                                  enabled=self.is_primary and cfg.log.progress)
     metrics = {}
     self._sigterm = False
     previous_handler = None
@@ -943,8 +534,8 @@ class Trainer:
     self.checkpointer.wait()
     bar.close()
     if self.is_primary and os.path.exists(os.path.join(self.workdir, "metrics.jsonl")):
-      self.metrics_lib.plot_curves(os.path.join(self.workdir, "metrics.jsonl"),
-                                   os.path.join(self.workdir, "reward_curves.png"))
+      metrics_lib.plot_curves(os.path.join(self.workdir, "metrics.jsonl"),
+                              os.path.join(self.workdir, "reward_curves.png"))
     return metrics
 
   def close(self):

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from mgrpo_jax import trainer
+from mgrpo_jax import advantages as adv_lib
 from mgrpo_jax.config_utils import load_sibling
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_ocr_color.py")
@@ -34,20 +35,20 @@ def test_locked_config_rejects_unknown_field():
 
 def test_tree_spec_from_config_matches_leaves():
   config = tiny()
-  spec = trainer.tree_spec_from_config(config)
+  spec = tree_spec_from_config(config)
   assert spec.num_leaves == 4 and spec.branch_steps == (0, 2)
   config.tree.mode = "flat"
-  assert trainer.tree_spec_from_config(config).num_leaves == config.tree.group_size
+  assert tree_spec_from_config(config).num_leaves == config.tree.group_size
   config.tree.mode = "forest"
   with pytest.raises(ValueError, match="tree.mode"):
-    trainer.tree_spec_from_config(config)
+    tree_spec_from_config(config)
 
 
 def test_reward_names_and_weights_must_pair():
   config = tiny()
   config.reward.weights = (1.0,)
   with pytest.raises(ValueError, match="same length"):
-    trainer.advantage_config(config)
+    adv_lib.AdvantageConfig.from_config(config)
 
 
 def _cli(*args):
@@ -74,12 +75,12 @@ def test_sd35m_configs_have_the_papers_settings(name):
   config = module.get_config()
   assert config.sample.num_steps == 10 and config.sample.eval_num_steps == 40
   assert config.sample.guidance_scale == 4.5 and config.sample.noise_level == 0.7
-  assert trainer.tree_spec_from_config(config).num_leaves == 24
+  assert tree_spec_from_config(config).num_leaves == 24
   assert config.data.prompts_per_batch * config.sample.batches_per_iteration == 48
   assert (config.lora.rank, config.lora.alpha) == (32, 64.0)
   assert config.train.beta == (0.04 if name == "sd35m_ocr_color" else 0.01)
   flat = module.get_config("flat")
-  assert trainer.tree_spec_from_config(flat).num_leaves == 24
+  assert tree_spec_from_config(flat).num_leaves == 24
   # The weights are the user's: an unset path is a clear error, not a download.
   from mgrpo_jax.models import registry
   with pytest.raises(ValueError, match="config.model.path is empty"):
@@ -101,10 +102,10 @@ def test_flux_pickscore_config_has_flow_grpos_flux_settings():
   updates = (config.sample.batches_per_iteration * config.train.num_minibatches
              // config.train.grad_accum_steps)
   assert updates == 2
-  spec = trainer.tree_spec_from_config(config)
+  spec = tree_spec_from_config(config)
   assert spec.num_leaves == 24 and max(config.tree.branch_steps) < 6
   assert config.data.prompts_per_batch * config.sample.batches_per_iteration == 48
-  assert trainer.tree_spec_from_config(module.get_config("flat")).num_leaves == 24
+  assert tree_spec_from_config(module.get_config("flat")).num_leaves == 24
   from mgrpo_jax.models import registry
   with pytest.raises(ValueError, match="config.model.path is empty"):
     registry.get_generator(config.model)

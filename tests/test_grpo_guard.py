@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mgrpo_jax import losses
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import registry
@@ -127,8 +128,8 @@ def test_epoch_metrics_report_ratio_before_and_after_normalisation():
       "ratio_norm_sum_per_step": np.array(ns, np.float32),
       "ratio_norm_sq_sum_per_step": np.array(nq, np.float32)}
   # Step 0: raw ratios (1, 3) over two minibatches; normalised ratios (1, 1).
-  out = trainer_lib._mean_metrics([mb([1, 0], [1, 0], [1, 0], [1, 0], [1, 0]),
-                                   mb([1, 0], [3, 0], [9, 0], [1, 0], [1, 0])])
+  out = train_step_lib.mean_metrics([mb([1, 0], [1, 0], [1, 0], [1, 0], [1, 0]),
+                                     mb([1, 0], [3, 0], [9, 0], [1, 0], [1, 0])])
   assert out["train/ratio_mean_per_step/0"] == 2.0
   assert out["train/ratio_std_per_step/0"] == 1.0
   assert out["train/ratio_norm_mean_per_step/0"] == 1.0

@@ -24,8 +24,8 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from mgrpo_jax import checkpoint as ckpt_lib  # noqa: E402
 from mgrpo_jax import export  # noqa: E402
+from mgrpo_jax import policy as policy_lib  # noqa: E402
 from mgrpo_jax import sharding as sharding_lib  # noqa: E402
-from mgrpo_jax import trainer as trainer_lib  # noqa: E402
 from mgrpo_jax.models import flux_transformer, registry  # noqa: E402
 from mgrpo_jax.sampling import rollout as rollout_lib  # noqa: E402
 from mgrpo_jax.sampling import schedule  # noqa: E402
@@ -58,9 +58,9 @@ def build(name, directory, config=None):
   """-> (generator, policy, trainable adapters, frozen base) on one device."""
   generator = registry.get_generator(model_config(name, directory))
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config or run_config(),
-                                                               mesh)
-  return generator, trainer_lib.Policy(graphdef, lora=True), trainable, frozen
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config or run_config(),
+                                                              mesh)
+  return generator, policy_lib.Policy(graphdef, lora=True), trainable, frozen
 
 
 def randomize(trainable, seed=0, std=0.3):

@@ -13,6 +13,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from mgrpo_jax import policy as policy_lib  # noqa: E402
 from mgrpo_jax import sharding as sharding_lib  # noqa: E402
 from mgrpo_jax import trainer as trainer_lib  # noqa: E402
 from mgrpo_jax.config_utils import load_sibling  # noqa: E402
@@ -47,7 +48,7 @@ def test_sampler_matches_diffusers_pipeline(tiny_sd3):
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   graphdef, state = nnx.split(nnx.eval_shape(lambda: generator.make_module(nnx.Rngs(0))))
   state = generator.load_weights(state, mesh)
-  policy = trainer_lib.Policy(graphdef, lora=False)
+  policy = policy_lib.Policy(graphdef, lora=False)
 
   prompts = ['a sign that reads "hello"', "a red apple on a table"]
   T, scale = 4, 4.5

@@ -10,6 +10,7 @@ from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import registry
 from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def test_nocfg_configs_carry_flow_grpo_fast_settings():
     assert (config.sample.method, config.sample.noise_level) == ("cps", 0.8)
     assert config.train.clip_range == 1e-5 and config.train.beta == 0.0
     assert config.advantage.std == "global"
-    spec = trainer_lib.tree_spec_from_config(config)
+    spec = tree_spec_from_config(config)
     # A 3-step window inside [0, num_steps // 2) = [0, 5): steps 1, 2, 3 stochastic, rest ODE.
     np.testing.assert_array_equal(np.flatnonzero(spec.sde_steps), [1, 2, 3])
     assert sorted(set(spec.transition_step.tolist())) == [1, 2, 3]
@@ -40,7 +41,7 @@ def test_branch_outside_the_window_is_an_error():
   config = _config("sd35m_pickscore_nocfg")
   config.tree.branch_steps = (1, 4)
   with pytest.raises(ValueError, match="branch step 4"):
-    trainer_lib.tree_spec_from_config(config)
+    tree_spec_from_config(config)
 
 
 @pytest.mark.slow

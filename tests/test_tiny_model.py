@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import mgrpo_jax  # noqa: F401  (sharding defaults)
-from mgrpo_jax import trainer as trainer_lib
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax.models import lora as lora_lib
 from mgrpo_jax.models import registry
 from mgrpo_jax.models.tokenizer import ByteTokenizer
@@ -85,7 +85,7 @@ def test_apply_lora_keeps_base_paths_and_outputs():
 
   # With non-zero adapters the output moves; zeroing them (the KL reference) restores the base.
   moved = jax.tree.map(lambda a: a + 0.05, adapters)
-  policy = trainer_lib.Policy(graphdef, lora=True)
+  policy = policy_lib.Policy(graphdef, lora=True)
   cond = model.encode_text(tokens)
   v_policy = policy.velocity_fn(moved, base)(x, sigma, cond)
   v_ref = policy.velocity_fn(moved, base, reference=True)(x, sigma, cond)
@@ -128,7 +128,7 @@ def test_sharded_init_places_adapters_by_logical_axes():
       "train": {"beta": 0.04}})
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
   generator = registry.get_generator(config.model)
-  _, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+  _, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
   a = trainable["transformer"]["transformer_blocks"][0]["attn"]["to_q"]["lora_a"][...]
   b = trainable["transformer"]["transformer_blocks"][0]["attn"]["to_q"]["lora_b"][...]
   k = frozen["transformer"]["transformer_blocks"][0]["attn"]["to_q"]["kernel"][...]

@@ -9,13 +9,17 @@ import numpy as np
 import optax
 import pytest
 
+from mgrpo_jax import policy as policy_lib
 from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.data import prompts as prompts_lib
 from mgrpo_jax.data import synthetic_text
 from mgrpo_jax.models import registry
+from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = os.path.join(os.path.dirname(ROOT), "shared", "datasets")
@@ -67,7 +71,7 @@ def test_tiny_run_writes_metrics_images_plot_and_checkpoints(tmp_path):
   for key in ("reward/jpeg_compressibility", "train/loss", "train/approx_kl", "train/clipfrac",
               "advantage/std", "nfe/per_prompt", "time/sample", "time/train"):
     assert key in lines[-1], key
-  spec = trainer_lib.tree_spec_from_config(config)
+  spec = tree_spec_from_config(config)
   assert lines[-1]["nfe/per_prompt"] == spec.nfe < lines[-1]["nfe/independent_per_prompt"]
   # The first update happens on fresh samples: PPO's ratio is 1 up to float rounding.
   assert abs(lines[0]["train/ratio_mean"] - 1.0) < 1e-4
@@ -143,8 +147,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
 def test_train_step_one_and_eight_devices_agree():
   config = tiny_config()
   generator = registry.get_generator(config.model)
-  spec = trainer_lib.tree_spec_from_config(config)
-  sampler = trainer_lib.sampler_from_config(config)
+  spec = tree_spec_from_config(config)
+  sampler = rollout_lib.sampler_from_config(config)
   sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
   prompts = [f'a sign that reads "test {i}"' for i in range(8)]
   results = []
@@ -152,15 +156,15 @@ def test_train_step_one_and_eight_devices_agree():
     # One device against 4-way data x 2-way tensor parallelism.
     mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if len(devices) == 1
                                   else config.mesh, devices)
-    graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+    graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
     # Traced under the mesh, as the trainer does, so the activation sharding hints apply.
     context = jax.set_mesh(mesh)
     context.__enter__()
-    policy = trainer_lib.Policy(graphdef, True)
+    policy = policy_lib.Policy(graphdef, True)
     tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
     neg = sharding_lib.global_batch(generator.tokenize([""] * 8), mesh)
-    sample = jax.jit(trainer_lib.make_sample_fn(policy, spec, sampler, sigmas,
-                                                generator.latent_shape))
+    sample = jax.jit(train_step_lib.make_sample_fn(policy, spec, sampler, sigmas,
+                                                   generator.latent_shape))
     out, cond, neg_cond, _ = sample(trainable, frozen, tokens, neg, jax.random.key(0))
     # A perturbed adapter makes the gradient step non-trivial in both the policy and KL terms.
     trainable = jax.tree.map(lambda a: a + 0.01, trainable)
@@ -174,7 +178,7 @@ def test_train_step_one_and_eight_devices_agree():
     batch = {"latents": out.latents, "next_latents": out.next_latents,
              "log_probs": out.log_probs, "steps": out.steps, "advantages": adv,
              "keep": jnp.ones_like(adv), "cond": cond, "neg_cond": neg_cond}
-    step = jax.jit(trainer_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
+    step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
     new_state, metrics = step(state, batch, jax.random.key(1), frozen)
     results.append((jax.tree.map(np.asarray, new_state["trainable"]),
                     {k: np.asarray(v) for k, v in metrics.items()}))
@@ -202,15 +206,15 @@ def test_missing_prompt_file_is_named(tmp_path):
 def test_ema_follows_the_trained_weights_every_k_steps():
   config = tiny_config(**{"train.ema_decay": 0.9, "train.ema_every": 2})
   generator = registry.get_generator(config.model)
-  spec = trainer_lib.tree_spec_from_config(config)
-  sampler = trainer_lib.sampler_from_config(config)
+  spec = tree_spec_from_config(config)
+  sampler = rollout_lib.sampler_from_config(config)
   sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  graphdef, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
-  policy = trainer_lib.Policy(graphdef, True)
+  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
+  policy = policy_lib.Policy(graphdef, True)
   tokens = sharding_lib.global_batch(generator.tokenize(["a", "b"]), mesh)
-  sample = jax.jit(trainer_lib.make_sample_fn(policy, spec, sampler, sigmas,
-                                              generator.latent_shape))
+  sample = jax.jit(train_step_lib.make_sample_fn(policy, spec, sampler, sigmas,
+                                                 generator.latent_shape))
   out, cond, neg_cond, _ = sample(trainable, frozen, tokens, tokens, jax.random.key(0))
   adv = jnp.asarray(np.linspace(-1, 1, out.log_probs.size).reshape(out.log_probs.shape))
   batch = {"latents": out.latents, "next_latents": out.next_latents, "log_probs": out.log_probs,
@@ -220,7 +224,7 @@ def test_ema_follows_the_trained_weights_every_k_steps():
   ema0 = jax.tree.map(lambda a: a + 1.0, trainable)  # distinct from the weights
   state = {"trainable": trainable, "opt_state": tx.init(trainable),
            "step": jnp.zeros([], jnp.int32), "ema": ema0}
-  step = jax.jit(trainer_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
+  step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
   s1, _ = step(state, batch, jax.random.key(1), frozen)
   s2, _ = step(s1, batch, jax.random.key(2), frozen)
   # Step 1 is not a multiple of ema_every=2: unchanged; step 2: 0.9 ema + 0.1 weights.
@@ -236,7 +240,7 @@ def test_full_finetuning_keeps_a_separate_reference():
   config = tiny_config(**{"lora.enabled": False})
   generator = registry.get_generator(config.model)
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  _, trainable, frozen = trainer_lib.build_model_states(generator, config, mesh)
+  _, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
   a, b = jax.tree.leaves(trainable)[0], jax.tree.leaves(frozen)[0]
   np.testing.assert_array_equal(a, b)
   # Separate buffers: donating the trainable state to the train step leaves the reference alive.

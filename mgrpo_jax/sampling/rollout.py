@@ -55,6 +55,14 @@ class SamplerConfig:
       raise ValueError(f"cps needs noise_level (eta) < 1, got {self.noise_level}")
 
 
+def sampler_from_config(config) -> SamplerConfig:
+  """The `config.sample` group of a run's ConfigDict as a SamplerConfig."""
+  return SamplerConfig(
+      method=config.sample.method, noise_level=float(config.sample.noise_level),
+      guidance_scale=float(config.sample.guidance_scale), cps_logprob=config.sample.cps_logprob,
+      same_latent=bool(config.sample.same_latent))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Rollout:

@@ -138,3 +138,10 @@ def window_positions(*, size: int, window_range: tuple[int, int],
   if (lo, hi) == (-1, -1):
     lo, hi = 0, num_steps - 1
   return [(s, s + size) for s in range(lo, hi - size + 1)]
+
+
+def generator_sigmas(generator, config, num_steps: int) -> np.ndarray:
+  """The [T + 1] sigma schedule: the generator's own (FLUX) or SD3's with `sample.shift`."""
+  if generator.sigmas is not None:
+    return generator.sigmas(num_steps)
+  return flow_match_sigmas(num_steps, config.sample.shift)

@@ -24,6 +24,8 @@ import functools
 
 import numpy as np
 
+from mgrpo_jax.sampling import schedule
+
 
 @dataclasses.dataclass(frozen=True)
 class TreeSpec:
@@ -179,3 +181,28 @@ def make_tree_spec(num_steps: int, sde_steps, *, num_roots: int, branch_steps=()
                   branch_steps=tuple(int(b) for b in branch_steps),
                   branch_factors=tuple(int(k) for k in branch_factors),
                   sde_steps=tuple(bool(s) for s in sde_steps))
+
+
+def tree_spec_from_config(config, window=None) -> TreeSpec:
+  """The rollout shape of a run's ConfigDict; `window` (start, stop) overrides
+  `sample.sde_window`.
+
+  With a moving window (`sample.sde_window_mode` other than "fixed") the default is the first
+  iteration's window.
+  """
+  T = config.sample.num_steps
+  mode = config.sample.get("sde_window_mode", "fixed")
+  if window is None and mode != "fixed":
+    window = schedule.moving_window(
+        0, mode=mode, size=config.sample.sde_window_size,
+        window_range=tuple(config.sample.sde_window_range), num_steps=T, seed=config.seed,
+        every=config.sample.sde_window_every)
+  window = tuple(config.sample.sde_window if window is None else window)
+  mask = schedule.sde_step_mask(T, None if window == (-1, -1) else window)
+  if config.tree.mode == "flat":
+    return make_tree_spec(T, mask, num_roots=config.tree.group_size)
+  if config.tree.mode == "tree":
+    return make_tree_spec(T, mask, num_roots=config.tree.num_roots,
+                          branch_steps=config.tree.branch_steps,
+                          branch_factors=config.tree.branch_factors)
+  raise ValueError(f"tree.mode must be 'tree' or 'flat', got {config.tree.mode!r}")

@@ -1,0 +1,287 @@
+"""The device functions of one iteration, as pure functions to jit (shapes static per TreeSpec).
+
+  make_encode_fn(policy)              -> (trainable, frozen, tokens) -> conditioning [B, ...]
+  make_sample_fn(policy, spec, ...)   -> (trainable, frozen, tokens, neg_tokens, key)
+                                         -> (Rollout, cond, neg_cond, images uint8 [P, L, H, W, 3])
+  make_sample_from_cond_fn(...)       -> the same from precomputed conditionings (text cache)
+  make_advantage_fn(spec, cfg)        -> (rewards [P, B, L, K], prompt_index [P, B], stats)
+                                         -> (Advantages [B, P, ...], stats, summary scalars)
+  make_minibatch_fn(n)                -> (data {name: [P, M, ...]}, key)
+                                         -> ({name: [n, P, m, ...]}, normalizer [n])
+  make_train_step(policy, tx, ...)    -> (state, batch, rng, frozen) -> (state, metrics)
+  mean_metrics(per-minibatch metrics) -> the epoch's "train/*" scalars (host side)
+The trainer jits them with their shardings; sampling, evaluation and the benches use the same
+functions. Nothing here reads files, holds state or knows about processes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mgrpo_jax import advantages as adv_lib
+from mgrpo_jax import losses
+from mgrpo_jax.policy import Policy
+from mgrpo_jax.sampling import rollout as rollout_lib
+from mgrpo_jax.sampling import steps as steps_lib
+from mgrpo_jax.sampling.tree import TreeSpec
+
+
+def make_encode_fn(policy: Policy):
+  """(trainable, frozen, tokens) -> conditioning pytree [B, ...]."""
+
+  def encode_fn(trainable, frozen, tokens):
+    return policy.module(trainable, frozen).encode_text(tokens)
+
+  return encode_fn
+
+
+def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
+  """(trainable, frozen, cond, neg_cond, key) -> (Rollout, images uint8 [P, L, H, W, 3])."""
+
+  def sample_fn(trainable, frozen, cond, neg_cond, key):
+    model = policy.module(trainable, frozen)
+    out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond, key, spec,
+                              sigmas, latent_shape, sampler)
+    P, L = out.final_latents.shape[:2]
+    images = model.decode(out.final_latents.reshape((P * L,) + out.final_latents.shape[2:]))
+    images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
+    return out, images.reshape((P, L) + images.shape[1:])
+
+  return sample_fn
+
+
+def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
+  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
+  encode = make_encode_fn(policy)
+  from_cond = make_sample_from_cond_fn(policy, spec, sampler, sigmas, latent_shape)
+
+  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
+    cond = encode(trainable, frozen, tokens)
+    use_cfg = sampler.guidance_scale != 1.0
+    neg_cond = encode(trainable, frozen, neg_tokens) if use_cfg else None
+    out, images = from_cond(trainable, frozen, cond, neg_cond, key)
+    return out, cond, neg_cond, images
+
+  return sample_fn
+
+
+def make_advantage_fn(spec: TreeSpec, cfg: adv_lib.AdvantageConfig):
+  """Builds fn(rewards [P, B, L, K], prompt_index [P, B], stats) -> (Advantages [B, P, ...],
+  stats, summary): one iteration's B batches normalised together, summaries on device."""
+
+  def advantage_fn(rewards, prompt_index, stats):
+    """rewards [P, B, L, K], prompt_index [P, B] -> (Advantages [B, P, ...], stats, summary)."""
+    P, B = prompt_index.shape
+    rewards = jnp.swapaxes(rewards, 0, 1).reshape((B * P,) + rewards.shape[2:])
+    prompt_index = jnp.swapaxes(prompt_index, 0, 1).reshape(-1)
+    leaf_stats = None
+    if stats is not None:
+      stats, mean, std = adv_lib.update_prompt_stats(
+          stats, prompt_index, adv_lib.stats_rewards(rewards, cfg))
+      leaf_stats = (mean, std)
+    adv = adv_lib.compute_advantages(rewards, spec, cfg, leaf_stats)
+    # Summaries are reduced here, on device, so the host reads replicated scalars even when the
+    # batch spans processes.
+    summary = {"advantage/mean": adv.transitions.mean(), "advantage/std": adv.transitions.std(),
+               "advantage/abs_max": jnp.abs(adv.transitions).max(initial=0.0),
+               "advantage/kept_fraction": adv.keep.mean()}
+    # The credit each tree level gets: mean |A| of its nodes (level 0 = the roots' steps).
+    for j, (off, size) in enumerate(zip(spec.level_offsets, spec.level_sizes)):
+      summary[f"advantage/abs_mean/level_{j}"] = jnp.abs(adv.nodes[:, off:off + size]).mean()
+      # The share of the level's transitions that train (pruning, train_levels, zero groups).
+      on_level = np.asarray(spec.node_level)[spec.transition_node] == j
+      if on_level.any():
+        summary[f"advantage/kept_fraction/level_{j}"] = adv.keep[:, on_level].mean()
+    for k in range(rewards.shape[-1]):
+      summary[f"reward/{k}"] = rewards[..., k].mean()
+      summary[f"reward/{k}_std"] = rewards[..., k].std()
+    per_batch = lambda a: a.reshape((B, P) + a.shape[1:])
+    adv = adv_lib.Advantages(per_batch(adv.transitions), per_batch(adv.nodes),
+                             per_batch(adv.values), per_batch(adv.keep))
+    return adv, stats, summary
+
+  return advantage_fn
+
+
+def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
+  """Builds train_step(state, batch, rng, frozen) -> (state, metrics).
+
+  state: {'trainable', 'opt_state', 'step'} (+ 'ema'); `step` counts minibatches.
+  batch (P prompts x m transitions each): latents / next_latents [P, m, h, w, c],
+  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...],
+  normalizer (optional): scalar divisor of the loss's weighted means (see `make_minibatch_fn`;
+  default the minibatch's `keep` sum).
+  """
+  sigmas = jnp.asarray(sigmas)
+  ema_decay = float(train_cfg.get("ema_decay", 0.0))
+  ema_every = int(train_cfg.get("ema_every", 1))
+  ema_warmup = bool(train_cfg.get("ema_warmup", False))
+  accum = max(int(train_cfg.get("grad_accum_steps", 1)), 1)
+  beta = float(train_cfg.beta)
+  clip_range = float(train_cfg.clip_range)
+  kl_mode = train_cfg.kl_mode
+  if kl_mode not in losses.KL_MODES:
+    raise ValueError(f"train.kl_mode must be one of {losses.KL_MODES}, got {kl_mode!r}")
+  # GRPO-Guard (losses.py): RatioNorm and per-step reweighting of the policy loss.
+  ratio_norm = bool(train_cfg.get("ratio_norm", False))
+  step_reweight = train_cfg.get("step_reweight", "none")
+  losses.step_reweight_weights(step_reweight, 1.0, 0.0)  # validates the mode before tracing
+
+  def train_step(state, batch, rng, frozen):
+    del rng  # the update is deterministic; kept for a uniform step signature
+    P, m = batch["log_probs"].shape
+    flat = lambda a: a.reshape((P * m,) + a.shape[2:])
+    x, x_next = flat(batch["latents"]), flat(batch["next_latents"])
+    step = flat(batch["steps"])
+    sigma, sigma_prev = sigmas[step], sigmas[step + 1]
+    per_transition = lambda c: None if c is None else rollout_lib.repeat_cond(c, m)
+    cond, neg_cond = per_transition(batch["cond"]), per_transition(batch.get("neg_cond"))
+
+    def loss_fn(trainable):
+      v = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen), x, sigma, cond,
+                                      neg_cond, sampler.guidance_scale)
+      out = steps_lib.step_with_logprob(
+          sampler.method, v, x, sigma, sigma_prev, noise_level=sampler.noise_level,
+          sigma_max=sigmas[1], prev_sample=x_next, cps_logprob=sampler.cps_logprob)
+      ref_mean = None
+      if beta > 0:
+        v_ref = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen, reference=True),
+                                            x, sigma, cond, neg_cond, sampler.guidance_scale)
+        ref_mean, _, _ = steps_lib.transition_mean_std(
+            sampler.method, jax.lax.stop_gradient(v_ref), x, sigma, sigma_prev,
+            noise_level=sampler.noise_level, sigma_max=sigmas[1])
+      kl_std = out.std if kl_mode == "flow_grpo" else out.transition_std
+      norm_scale = (losses.ratio_norm_scale(sampler.method, sampler.cps_logprob,
+                                            out.transition_std) if ratio_norm else None)
+      res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
+                             clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
+                             kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
+                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"),
+                             ratio_norm_scale=norm_scale,
+                             step_weights=losses.step_reweight_weights(step_reweight, sigma,
+                                                                       sigma_prev))
+      return res.loss, res.metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    trainable = optax.apply_updates(state["trainable"], updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    # The minibatch's weight in the epoch's metrics: its loss divisor (see `mean_metrics`).
+    metrics["minibatch_weight"] = (batch["normalizer"] if "normalizer" in batch
+                                   else batch["keep"].sum()).astype(jnp.float32)
+    new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
+    if "ema" in state:
+      # EMA of the trained weights (Flow-GRPO evaluates with it), updated after every
+      # `ema_every`-th optimizer update (with gradient accumulation an update is `accum`
+      # minibatches). With warm-up the decay is Flow-GRPO's min((1 + u) / (10 + u), decay) for
+      # u optimizer updates before this one (flow_grpo/ema.py, get_current_decay).
+      updates_done = new_state["step"] // accum  # optimizer updates, this one included
+      is_update = new_state["step"] % accum == 0
+      decay = jnp.asarray(ema_decay, jnp.float32)
+      if ema_warmup:
+        u = (updates_done - 1).astype(jnp.float32)
+        decay = jnp.minimum((1.0 + u) / (10.0 + u), decay)
+      decay = jnp.where(is_update & (updates_done % ema_every == 0), decay, 1.0)
+      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
+                                      state["ema"], trainable)
+    return new_state, metrics
+
+  return train_step
+
+
+def minibatch_layout(num_transitions: int, num_minibatches: int) -> tuple[np.ndarray, np.ndarray]:
+  """Static split of M shuffled positions into `num_minibatches` rows of equal length.
+
+  Position p goes to minibatch p % n, slot p // n, so minibatch sizes differ by at most one real
+  transition; the slots past M are padding.
+
+  Returns:
+    (position int32 [n, m], valid bool [n, m]) with m = ceil(M / n); padded slots point at
+    position 0 and are not valid.
+  """
+  n, M = num_minibatches, num_transitions
+  if n < 1:
+    raise ValueError(f"train.num_minibatches must be >= 1, got {n}")
+  if n > M:
+    raise ValueError(f"train.num_minibatches={n} is more than the {M} stored transitions per "
+                     f"prompt: a minibatch would hold nothing but padding")
+  m = -(-M // n)
+  position = np.arange(n * m).reshape(m, n).T
+  valid = position < M
+  return np.where(valid, position, 0).astype(np.int32), valid
+
+
+def make_minibatch_fn(num_minibatches: int):
+  """Shuffles every prompt's transitions independently and splits them into minibatches.
+
+  Any transition count M per prompt works: minibatches hold ceil(M / n) rows, the rows past M are
+  padding with `keep` 0 (see `minibatch_layout`). Shuffling along the transition axis only keeps
+  each prompt's rows on its data shard.
+  Returns fn(data {name: [P, M, ...]}, key) -> ({name: [n, P, m, ...]}, normalizer [n]), where
+  the normalizer of every minibatch is (sum of `keep` over the batch) / n: the divisor that makes
+  the mean of the n minibatch losses the batch's weighted mean loss.
+  """
+
+  def fn(data, key):
+    P, M = data["log_probs"].shape
+    position, valid = minibatch_layout(M, num_minibatches)
+    n, m = position.shape
+    perm = jax.vmap(lambda k: jax.random.permutation(k, M))(jax.random.split(key, P))
+    rows = perm[:, position.reshape(-1)]  # [P, n * m] transition index of every slot
+
+    def split(a):
+      idx = rows.reshape(rows.shape + (1,) * (a.ndim - 2))
+      a = jnp.take_along_axis(a, idx, axis=1)
+      return jnp.swapaxes(a.reshape((P, n, m) + a.shape[2:]), 0, 1)
+
+    out = jax.tree.map(split, data)
+    out["keep"] = out["keep"] * jnp.asarray(valid, out["keep"].dtype)[:, None, :]
+    normalizer = jnp.full([n], data["keep"].sum() / n, jnp.float32)
+    return out, normalizer
+
+  return fn
+
+
+def mean_metrics(metrics_list) -> dict[str, float]:
+  """Epoch metrics from a list of per-minibatch metric dicts (one device_get for all of them).
+
+  Scalars are averaged over minibatches weighted by their loss divisors (`minibatch_weight`):
+  every minibatch's weighted means divide by its batch's kept weight / num_minibatches, so this
+  is the weighted mean over every kept transition of the epoch, and batches whose transitions
+  were all dropped count for nothing. Per-step sums are added before dividing.
+  """
+  if not metrics_list:
+    return {}
+  host = jax.device_get(metrics_list)
+  stacked = {name: np.stack([np.asarray(m[name], np.float64) for m in host]) for name in host[0]}
+  weight = stacked.pop("minibatch_weight", np.ones(len(host)))
+  total = weight.sum()
+  average = lambda v: float((v * weight).sum() / total) if total > 0 else 0.0
+  out = {}
+  for name, values in stacked.items():
+    if values.ndim == 1:
+      out[f"train/{name}"] = average(values)
+  if "ratio_sq_mean" in stacked:
+    mean, sq = average(stacked["ratio_mean"]), average(stacked.pop("ratio_sq_mean"))
+    out.pop("train/ratio_sq_mean")
+    out["train/ratio_std"] = float(np.sqrt(max(sq - mean**2, 0.0)))
+  if "count_per_step" in stacked:
+    count = stacked["count_per_step"].sum(0)
+    mean, std = losses.per_step_ratio_stats(count, stacked["ratio_sum_per_step"].sum(0),
+                                            stacked["ratio_sq_sum_per_step"].sum(0))
+    for s, c in enumerate(count):
+      if c > 0:  # report each step that has transitions
+        out[f"train/ratio_mean_per_step/{s}"] = float(mean[s])
+        out[f"train/ratio_std_per_step/{s}"] = float(std[s])
+    if "ratio_norm_sum_per_step" in stacked:  # GRPO-Guard's ratio after RatioNorm
+      mean, std = losses.per_step_ratio_stats(count, stacked["ratio_norm_sum_per_step"].sum(0),
+                                              stacked["ratio_norm_sq_sum_per_step"].sum(0))
+      for s, c in enumerate(count):
+        if c > 0:
+          out[f"train/ratio_norm_mean_per_step/{s}"] = float(mean[s])
+          out[f"train/ratio_norm_std_per_step/{s}"] = float(std[s])
+  return out
+
