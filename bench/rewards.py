@@ -92,7 +92,7 @@ def overlap(batches: int, workers: int) -> tuple[float, float, float]:
   graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
   policy = policy_lib.Policy(graphdef, True)
   spec = tree_spec_from_config(config)
-  sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
+  sigmas = schedule.generator_sigmas(generator, config, config.sample.num_steps)
   sample = jax.jit(train_step_lib.make_sample_fn(
       policy, spec, rollout_lib.sampler_from_config(config), sigmas, generator.latent_shape))
   P = config.data.prompts_per_batch

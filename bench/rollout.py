@@ -64,7 +64,7 @@ def main():
   graphdef, trainable, frozen = policy_lib.build_model_states(generator, base, mesh)
   policy = policy_lib.Policy(graphdef, True)
   sampler = rollout_lib.sampler_from_config(base)
-  sigmas = schedule.flow_match_sigmas(args.steps, base.sample.shift)
+  sigmas = schedule.generator_sigmas(generator, base, args.steps)
   mask = schedule.sde_step_mask(args.steps, None)
   prompts = [f"a sign that reads \"bench {i}\"" for i in range(args.prompts)]
   tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)

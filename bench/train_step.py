@@ -54,7 +54,8 @@ def main():
   generator = registry.get_generator(config.model)
   spec = tree_spec_from_config(config)
   sampler = rollout_lib.sampler_from_config(config)
-  sigmas = schedule.flow_match_sigmas(config.sample.num_steps, config.sample.shift)
+  # The generator's own schedule (FLUX's differs from SD3's shifted one), as the trainer uses.
+  sigmas = schedule.generator_sigmas(generator, config, config.sample.num_steps)
   graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
   policy = policy_lib.Policy(graphdef, bool(config.lora.enabled))
   P = config.data.prompts_per_batch
