@@ -6,7 +6,7 @@ Importing the package registers every built-in reward.
   scores = host.submit(images, prompts, metadata).result()  # {name: float32 [N]}
 """
 
-from mgrpo_jax.rewards import jpeg, ocr, remote, text_color  # noqa: F401  (registration)
+from mgrpo_jax.rewards import blueness, jpeg, ocr, remote, text_color  # noqa: F401  (registration)
 from mgrpo_jax.rewards.base import (PerImageReward, available_rewards, check_batch,  # noqa: F401
                                     get_reward, register)
 from mgrpo_jax.rewards.host import HostRewards, RewardError  # noqa: F401
