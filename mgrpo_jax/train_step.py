@@ -143,9 +143,8 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
     def loss_fn(trainable):
       v = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen), x, sigma, cond,
                                       neg_cond, sampler.guidance_scale)
-      out = steps_lib.step_with_logprob(
-          sampler.method, v, x, sigma, sigma_prev, noise_level=sampler.noise_level,
-          sigma_max=sigmas[1], prev_sample=x_next, cps_logprob=sampler.cps_logprob)
+      # The rollout's own step function re-scores the stored transition.
+      out = rollout_lib.sampler_step(sampler, v, x, sigmas, step, prev_sample=x_next)
       ref_mean = None
       if beta > 0:
         v_ref = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen, reference=True),

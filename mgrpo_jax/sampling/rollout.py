@@ -110,6 +110,28 @@ def guided_velocity(velocity_fn: VelocityFn, x: jax.Array, sigma: jax.Array, con
   return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
+def sampler_step(sampler: SamplerConfig, velocity: jax.Array, x: jax.Array, sigmas: jax.Array,
+                 step: jax.Array, *, key: jax.Array | None = None,
+                 prev_sample: jax.Array | None = None) -> steps_lib.StepOutput:
+  """The sampler's stochastic step from x at `step`: sampling (`key`) or re-scoring (`prev_sample`).
+
+  The rollout stores log-probs with it and the loss re-scores the stored transitions with it, so
+  both come from one formula (method, noise level, CPS log-prob variant, sigma_max = sigmas[1]).
+
+  Args:
+    sampler: the sampling settings.
+    velocity: [N, ...] model velocity at x (guided).
+    x: [N, ...] latents at sigmas[step].
+    sigmas: [T + 1] schedule.
+    step: scalar or [N] int32 step indices.
+    key / prev_sample: exactly one (see `steps.step_with_logprob`).
+  """
+  return steps_lib.step_with_logprob(
+      sampler.method, velocity, x, sigmas[step], sigmas[step + 1],
+      noise_level=sampler.noise_level, sigma_max=sigmas[1], key=key, prev_sample=prev_sample,
+      cps_logprob=sampler.cps_logprob)
+
+
 def rollout(velocity_fn: VelocityFn, cond: Any, neg_cond: Any | None, key: jax.Array,
             spec: TreeSpec, sigmas: jax.Array | np.ndarray, latent_shape: tuple[int, int, int],
             sampler: SamplerConfig) -> Rollout:
@@ -135,7 +157,6 @@ def rollout(velocity_fn: VelocityFn, cond: Any, neg_cond: Any | None, key: jax.A
   sigmas = jnp.asarray(sigmas, jnp.float32)
   if sigmas.shape != (T + 1,):
     raise ValueError(f"sigmas must have shape ({T + 1},) for {T} steps, got {sigmas.shape}")
-  sigma_max = sigmas[1]
   sde_steps = jnp.asarray(spec.sde_steps)
 
   def velocity(x, step, n):
@@ -151,10 +172,8 @@ def rollout(velocity_fn: VelocityFn, cond: Any, neg_cond: Any | None, key: jax.A
     """One step from x [P, n, ...] with velocity v; SDE or ODE as the spec says."""
     n = x.shape[1]
     flat = lambda a: a.reshape((num_prompts * n,) + a.shape[2:])
-    out = steps_lib.step_with_logprob(
-        sampler.method, flat(v), flat(x), sigmas[step], sigmas[step + 1],
-        noise_level=sampler.noise_level, sigma_max=sigma_max,
-        key=jax.random.fold_in(key, step), cps_logprob=sampler.cps_logprob)
+    out = sampler_step(sampler, flat(v), flat(x), sigmas, step,
+                       key=jax.random.fold_in(key, step))
     # Steps outside the SDE window are deterministic; inside a scan the choice is per step, so
     # both are computed from the one model call and selected (elementwise, cheap).
     is_sde = sde_steps[step]
