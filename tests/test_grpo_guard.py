@@ -12,7 +12,7 @@ from mgrpo_jax import losses
 from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
-from mgrpo_jax.models import registry
+from tests import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,20 +149,11 @@ def test_guard_config_follows_the_source():
 @pytest.mark.slow
 def test_tiny_guard_run(tmp_path):
   """Two iterations of the tiny model with RatioNorm and 1 / -dt reweighting (about 60 s idle)."""
-  config = load_sibling(os.path.join(ROOT, "configs", "tiny_jpeg.py"), "tiny_jpeg").get_config()
-  config.model = registry.default_tiny_model_config()
+  config = tiny_runs.tiny_run_config()
   config.train.ratio_norm = True
   config.train.step_reweight = "inv_dt"
-  config.sample.num_steps = config.sample.eval_num_steps = 4
   config.sample.sde_window = (-1, -1)
   config.tree.branch_steps = (0, 1)
-  config.sample.batches_per_iteration = 1
-  config.train.num_iterations = 2
-  config.train.num_minibatches = 1
-  config.log.eval_every = config.log.checkpoint_every = 2
-  config.log.num_eval_prompts = 4
-  config.log.progress = False
-  config.mesh.data, config.mesh.tensor = 4, 2
   trainer_lib.train_and_evaluate(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2]

@@ -11,8 +11,8 @@ from mgrpo_jax import advantages as adv_lib
 from mgrpo_jax import plan as plan_lib
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
-from mgrpo_jax.models import registry
 from mgrpo_jax.sampling.tree import make_tree_spec
+from tests import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,20 +97,11 @@ def test_a_level_the_tree_lacks_is_named_by_the_plan():
 @pytest.mark.slow
 def test_tiny_run_with_pruning_and_levels(tmp_path):
   """One iteration of the tiny model training level 2 only, with branch pruning (~40 s idle)."""
-  config = load_sibling(os.path.join(ROOT, "configs", "tiny_jpeg.py"), "tiny_jpeg").get_config()
-  config.model = registry.default_tiny_model_config()
-  config.sample.num_steps = config.sample.eval_num_steps = 4
+  config = tiny_runs.tiny_run_config(iterations=1)
   config.sample.sde_window = (-1, -1)
   config.tree.branch_steps = (0, 1)
   config.advantage.prune_spread = 1e-3
   config.advantage.train_levels = (2,)
-  config.sample.batches_per_iteration = 1
-  config.train.num_iterations = 1
-  config.train.num_minibatches = 1
-  config.log.eval_every = config.log.checkpoint_every = 1
-  config.log.num_eval_prompts = 4
-  config.log.progress = False
-  config.mesh.data, config.mesh.tensor = 4, 2
   trainer_lib.train_and_evaluate(config, str(tmp_path))
   line = json.loads(open(tmp_path / "metrics.jsonl").readline())
   assert line["advantage/kept_fraction/level_1"] == 0.0

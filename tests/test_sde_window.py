@@ -8,9 +8,9 @@ import pytest
 
 from mgrpo_jax import trainer as trainer_lib
 from mgrpo_jax.config_utils import load_sibling
-from mgrpo_jax.models import registry
 from mgrpo_jax.sampling import schedule
 from mgrpo_jax.sampling.tree import tree_spec_from_config
+from tests import tiny_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,20 +50,11 @@ def test_tiny_nocfg_run(tmp_path):
 
   About 60 s on an idle 2-core machine (compilation of sampling, training and evaluation).
   """
-  config = _config("tiny_jpeg")
+  config = tiny_runs.tiny_run_config(num_steps=6)
   nocfg = load_sibling(os.path.join(ROOT, "configs", "sd35m_pickscore_nocfg.py"),
                        "sd35m_pickscore_nocfg")
   nocfg.apply_nocfg(config)
-  config.model = registry.default_tiny_model_config()
-  config.sample.num_steps = config.sample.eval_num_steps = 6
   config.tree.branch_steps, config.tree.branch_factors = (1, 3), (2, 2)
-  config.sample.batches_per_iteration = 1
-  config.train.num_iterations = 2
-  config.train.num_minibatches = 1
-  config.log.eval_every = config.log.checkpoint_every = 2
-  config.log.num_eval_prompts = 4
-  config.log.progress = False
-  config.mesh.data, config.mesh.tensor = 4, 2
   trainer_lib.train_and_evaluate(config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2]
@@ -106,22 +97,13 @@ def test_moving_window_bad_input_is_named(kw, match):
 
 
 def _tiny_window_config():
-  config = _config("tiny_jpeg")
-  config.model = registry.default_tiny_model_config()
-  config.sample.num_steps = config.sample.eval_num_steps = 4
+  config = tiny_runs.tiny_run_config()
   # Sliding window of 2 steps in [0, 3): (0, 2) at iteration 0, (1, 3) at iteration 1. The tree
   # branches at step 1, inside both positions.
   config.sample.sde_window_mode = "sliding"
   config.sample.sde_window_size = 2
   config.sample.sde_window_range = (0, 3)
   config.tree.num_roots, config.tree.branch_steps, config.tree.branch_factors = 2, (1,), (2,)
-  config.sample.batches_per_iteration = 1
-  config.train.num_iterations = 2
-  config.train.num_minibatches = 1
-  config.log.eval_every = config.log.checkpoint_every = 2
-  config.log.num_eval_prompts = 4
-  config.log.progress = False
-  config.mesh.data, config.mesh.tensor = 4, 2
   return config
 
 

@@ -33,20 +33,11 @@ NUM_ITERATIONS = 4
 
 def run_config():
   """configs/tiny_jpeg.py shrunk to 4 iterations of the random tiny model (as test_grpo_guard)."""
-  from mgrpo_jax.config_utils import load_sibling  # pylint: disable=import-outside-toplevel
-  from mgrpo_jax.models import registry  # pylint: disable=import-outside-toplevel
-  config = load_sibling(os.path.join(ROOT, "configs", "tiny_jpeg.py"), "tiny_jpeg").get_config()
-  config.model = registry.default_tiny_model_config()
+  from tests import tiny_runs  # pylint: disable=import-outside-toplevel
+  config = tiny_runs.tiny_run_config(iterations=NUM_ITERATIONS, eight_devices=False)
   config.seed = 0
-  config.sample.num_steps = config.sample.eval_num_steps = 4
   config.sample.sde_window = (-1, -1)
   config.tree.branch_steps = (0, 1)
-  config.sample.batches_per_iteration = 1
-  config.train.num_iterations = NUM_ITERATIONS
-  config.train.num_minibatches = 1
-  config.log.eval_every = config.log.checkpoint_every = NUM_ITERATIONS
-  config.log.num_eval_prompts = 4
-  config.log.progress = False
   return config
 
 
