@@ -407,8 +407,11 @@ def make_plan(config: ml_collections.ConfigDict, *, num_devices: int | None = No
     if int(config[group][key]) < 1:
       plan.problem(field, f"must be >= 1, got {config[group][key]}")
   plan.add("iterations", f"{config.train.num_iterations}, evaluation every "
-           f"{config.log.eval_every} ({config.log.num_eval_prompts} prompts, "
-           f"{config.sample.eval_num_steps} ODE steps), checkpoint every "
+           f"{config.log.eval_every}" + (" and before training" if config.log.eval_at_start
+                                         else "") +
+           f" ({config.log.num_eval_prompts} prompts" +
+           (f" of {os.path.basename(config.log.eval_dataset)}" if config.log.eval_dataset
+            else "") + f", {config.sample.eval_num_steps} ODE steps), checkpoint every "
            f"{config.log.checkpoint_every}")
 
   if check_model:
