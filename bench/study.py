@@ -34,12 +34,16 @@ Testbeds:
 
 Outputs (resumable: a run whose JSON exists is skipped and its result kept):
   <out>/<testbed>/<method>/seed<k>.json   one run: settings, NFE, curves, gains, wall time
+                                          (this invocation's, and train_time_s: the sum of
+                                          the logged iteration and evaluation times)
   <out>/1/init/seed<k>.json               testbed 1's reward stds and correlation at init
   <out>/3/init.json                       testbed 3's held-out numbers of the initial model
   <out>/study.md                          one Markdown table per testbed (mean ± std over seeds)
   <out>/testbed<t>_curves.png             rewards against cumulative NFE, mean ± std over seeds
 Training workdirs go under --workdir-root (outside the repository) and are deleted once their
-run's JSON is written.
+run's JSON is written; a run killed midway resumes from its workdir's checkpoint (halfway or
+end). Runs with the same rollout shape share compiled functions through a persistent JAX
+compilation cache (--compilation-cache).
 """
 
 from __future__ import annotations
@@ -79,12 +83,13 @@ TESTBED_TITLES = {1: "Testbed 1: mismatched scales (JPEG kB vs blueness)",
                   3: "Testbed 3: OCR-Color on the pretrained tiny text renderer"}
 SCALE_REWARDS = ("jpeg_incompressibility", "blueness")
 
-# Run lengths of the full study, chosen so that it fits ~2 hours on this 2-core machine (see
-# `estimate` in the README section of issue 13 for the measurement behind them).
-FULL = {"iterations_1": 24, "iterations_3": 8, "eval_every_3": 4, "credit_batches": 4,
-        "credit_factors": (4, 8)}
-QUICK = {"iterations_1": 2, "iterations_3": 2, "eval_every_3": 2, "credit_batches": 1,
-         "credit_factors": (2, 4)}
+# Run lengths of the full study. One sampling batch (4 prompts) per iteration keeps the 27
+# runs within ~2 hours on this 2-core machine: with tiny_jpeg's 2 batches a testbed-1 iteration
+# took ~18 s under load (train 13 s, sampling 4 s), i.e. 7 minutes per 24-iteration run.
+FULL = {"iterations_1": 24, "iterations_3": 8, "eval_every_3": 4, "batches_per_iteration": 1,
+        "credit_batches": 4, "credit_factors": (4, 8)}
+QUICK = {"iterations_1": 2, "iterations_3": 2, "eval_every_3": 2, "batches_per_iteration": 1,
+         "credit_batches": 1, "credit_factors": (2, 4)}
 # Leaves below each early node that the tree methods see in testbed 2 (the rest are held out).
 CREDIT_TREE_LEAVES = 2
 
@@ -107,12 +112,11 @@ def flat_group_size(config) -> tuple[int, int, int]:
 
 
 def _shrink(config) -> None:
-  """--quick: 5 steps, 2 prompts, 1 batch of 1 minibatch, 2 evaluation prompts."""
+  """--quick: 5 steps, 2 prompts per batch, 1 minibatch, 2 evaluation prompts."""
   config.sample.num_steps = 5
   config.sample.eval_num_steps = 5
   config.sample.sde_window = (0, 4)
   config.data.prompts_per_batch = 2
-  config.sample.batches_per_iteration = 1
   config.train.num_minibatches = 1
   config.log.num_eval_prompts = 2
 
@@ -136,8 +140,10 @@ def testbed_config(testbed: int, method: str, seed: int, quick: bool):
   else:
     raise ValueError(f"unknown testbed {testbed}; expected one of {TESTBEDS}")
   config.seed = seed
+  config.sample.batches_per_iteration = sizes["batches_per_iteration"]
   config.train.num_iterations = iterations
-  config.log.checkpoint_every = iterations
+  # A checkpoint halfway and at the end: a killed study resumes its current run from there.
+  config.log.checkpoint_every = max(1, iterations // 2)
   config.log.progress = False
   # The rollout tree of every testbed: one root, x2 at step 1, x2 at step 3 (4 leaves).
   config.tree.num_roots = 1
@@ -228,7 +234,8 @@ def run_training(testbed: int, method: str, seed: int, quick: bool, workdir: str
                  ) -> dict[str, Any]:
   """Trains one (testbed, method, seed) from scratch in `workdir`; returns its JSON record."""
   config = testbed_config(testbed, method, seed, quick)
-  shutil.rmtree(workdir, ignore_errors=True)  # a killed earlier attempt starts over
+  # A run killed earlier resumes from its last checkpoint in `workdir` (the trainer keeps its
+  # metrics.jsonl consistent with the restored state).
   t0 = time.perf_counter()
   trainer_lib.train_and_evaluate(config, workdir)
   wall = time.perf_counter() - t0
@@ -240,6 +247,8 @@ def run_training(testbed: int, method: str, seed: int, quick: bool, workdir: str
             "images_per_prompt": tree_lib.tree_spec_from_config(config).num_leaves,
             "prompts_per_iteration": prompts, "num_iterations": config.train.num_iterations,
             "reward_names": list(config.reward.names), "wall_time_s": wall,
+            "train_time_s": float(sum(r.get("time/iteration", 0.0) + r.get("time/eval", 0.0)
+                                      for r in records)),
             **summarise_metrics(records, config.reward.names, prompts)}
   if testbed == 3:
     record["heldout"] = heldout_evaluation(config, workdir, quick)
@@ -533,7 +542,7 @@ def main(argv=None) -> int:
         f"{flat_nfe // group} steps = {flat_nfe}", flush=True)
 
   def work(*parts):
-    return os.path.join(args.workdir_root, *map(str, parts))
+    return os.path.join(args.workdir_root, "quick" if args.quick else "full", *map(str, parts))
 
   for testbed in testbeds:
     for seed in seeds:
