@@ -566,7 +566,10 @@ def main(argv=None) -> int:
       _run_once(os.path.join(args.out, "3", "init.json"),
                 lambda: heldout_evaluation(config, None, args.quick),
                 "testbed 3 initial model on the held-out prompts")
-  print(report(args.out, testbeds, seeds))
+  # The report also keeps the testbeds an earlier invocation ran into the same --out.
+  reported = sorted(set(testbeds) | {t for t in TESTBEDS
+                                     if os.path.isdir(os.path.join(args.out, str(t)))})
+  print(report(args.out, reported, seeds))
   print(f"study: {time.perf_counter() - t_start:.0f} s", flush=True)
   return 0
 
