@@ -2,10 +2,11 @@
 
   blueness = mean over pixels of (B - (R + G) / 2) / 255
 
-1 for a pure blue image, -1 for pure yellow, 0 for any grey. Its spread over the tiny text
-renderer's samples is about 1/75 of the spread of their JPEG size in kB, and bluer samples
-compress better (Pearson r about -0.7 with `jpeg_incompressibility` at initialisation; measured
-by bench/study.py), which makes the pair the mismatched-scale, conflicting rewards of testbed 1.
+1 for a pure blue image, -1 for pure yellow, 0 for any grey. On the tiny text renderer's first
+training samples its std is about 1/75 of the std of their JPEG size in kB, and bluer samples
+tend to compress better (Pearson r -0.17 with `jpeg_incompressibility` over the 32 images of
+seed 0's first iteration, -0.09 within prompts: a weak conflict; bench/study.py --testbeds 1
+measures it per seed), which makes the pair the mismatched-scale rewards of issue 13's testbed 1.
 """
 
 from __future__ import annotations
