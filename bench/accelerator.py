@@ -13,7 +13,7 @@ parameters; or FLUX.1-dev-sized: 19 + 38 blocks, 11.9 B; random weights in `--dt
   train      the LoRA train step (rank 32 on the joint attention's q/k/v/out): re-score
              `--train-batch` stored transitions with the policy under CFG, the reference pass
              (adapters off) for the KL term, backward through the adapters, AdamW. Ours is
-             `trainer.make_train_step`; torch runs Flow-GRPO's equivalent (peft-style LoRA
+             `train_step.make_train_step`; torch runs Flow-GRPO's equivalent (peft-style LoRA
              wrappers, reference pass under no_grad with adapters disabled).
   rollout    the SDE sampling loop with CFG and per-step log-probs, `--steps` steps: ours flat
              (`--leaves` independent trajectories) and as the SD3.5-M config's tree (3 roots, x2
@@ -321,7 +321,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
 
 
 class _Cfg(dict):
-  """The train-step settings as `trainer.make_train_step` reads them (attributes and .get)."""
+  """The train-step settings as `train_step.make_train_step` reads them (attributes and .get)."""
   __getattr__ = dict.__getitem__
 
 
