@@ -52,8 +52,8 @@ def get_config(arg=None):
   # train step's cost.
   config.sample.sde_window = (0, 5)
   config.sample.batches_per_iteration = 2
-  # 12 iterations: 4.7 minutes of wall time on this 2-core machine lightly loaded, 8.6 with a
-  # test job beside it (bench/main_job.py; README "The CPU main job").
+  # 12 iterations: 4.7 to 8.6 minutes of wall time on the 2-core development machine with other
+  # test jobs beside it (bench/main_job.py; README "The CPU main job").
   config.train.num_iterations = 12
   config.train.num_minibatches = 2
   config.train.learning_rate = 1e-3

@@ -361,11 +361,6 @@ class Trainer:
           jax.tree.map(lambda a: np.repeat(a, n, axis=0), neg), self.mesh)
     return cond, neg_cond
 
-  def score_images(self, images: np.ndarray, prompts: list[str],
-                   metadata: list[dict]) -> dict[str, np.ndarray]:
-    """All configured rewards of host images uint8 [N, H, W, 3] (evaluation)."""
-    return self.scorer.score(images, prompts, metadata)
-
   def train_iteration(self, iteration: int, timer) -> dict[str, float]:
     cfg = self.config
     self._use_window(iteration)
@@ -460,7 +455,7 @@ class Trainer:
     prompts = [r.prompt for r in records]
     images = self.render(prompts, self.config.seed + 12345)
     self.writer.write_images(iteration, "eval", images, prompts)
-    scores = self.score_images(images, prompts, [dict(r.metadata) for r in records])
+    scores = self.scorer.score(images, prompts, [dict(r.metadata) for r in records])
     return {f"eval/{name}": float(np.mean(scores[name])) for name in self.config.reward.names}
 
   def _log_evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
@@ -519,7 +514,8 @@ class Trainer:
       if done % cfg.log.eval_every == 0 or done == total:
         t_eval = time.perf_counter()
         evaluation = self.evaluate(done)
-        metrics.update(evaluation, **{"time/eval": time.perf_counter() - t_eval})
+        metrics.update(evaluation)
+        metrics["time/eval"] = time.perf_counter() - t_eval
       self.writer.write_scalars(done, metrics)
       bar.update(1, metrics)  # a bar on a terminal, else one line (rewards, KL, phases, ETA)
       if evaluation:
