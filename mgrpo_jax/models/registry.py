@@ -10,29 +10,23 @@ with `@register("name")`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import ml_collections
 from flax import nnx
 
+from mgrpo_jax import registry_utils
 from mgrpo_jax.models import base
 from mgrpo_jax.models import tiny_mmdit
 from mgrpo_jax.models.tokenizer import ByteTokenizer
 
-_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict], base.Generator]] = {}
-
-
-def register(name: str):
-  def decorator(fn):
-    if name in _BUILDERS:
-      raise ValueError(f"generator {name!r} is already registered")
-    _BUILDERS[name] = fn
-    return fn
-  return decorator
+_GENERATORS = registry_utils.Registry(
+    "generator", "config.model.name={name!r} is not a registered generator; known: {known}")
+# `@register("name")` on a builder `model_config -> base.Generator`.
+register = _GENERATORS.register
 
 
 def available_generators() -> list[str]:
-  return sorted(_BUILDERS)
+  return _GENERATORS.names()
 
 
 def get_generator(model_config: ml_collections.ConfigDict) -> base.Generator:
@@ -41,11 +35,7 @@ def get_generator(model_config: ml_collections.ConfigDict) -> base.Generator:
   Raises:
     ValueError: unknown name (lists the known ones) or fields the builder does not accept.
   """
-  name = model_config.get("name")
-  if name not in _BUILDERS:
-    raise ValueError(f"config.model.name={name!r} is not a registered generator; "
-                     f"known: {available_generators()}")
-  return _BUILDERS[name](model_config)
+  return _GENERATORS.get(model_config.get("name"))(model_config)
 
 
 def _fields(model_config, cls) -> dict:

@@ -10,26 +10,20 @@ spreads their images over its thread pool.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-_REWARDS: dict[str, Callable[..., Any]] = {}
+from mgrpo_jax import registry_utils
 
-
-def register(name: str):
-  """Class or factory decorator: `@register("ocr")`; kwargs of `get_reward` go to it."""
-  def decorator(factory):
-    if name in _REWARDS:
-      raise ValueError(f"reward {name!r} is already registered")
-    _REWARDS[name] = factory
-    return factory
-  return decorator
+_REWARDS = registry_utils.Registry("reward", "unknown reward {name!r}; available: {known}")
+# Class or factory decorator: `@register("ocr")`; kwargs of `get_reward` go to it.
+register = _REWARDS.register
 
 
 def available_rewards() -> list[str]:
   """Sorted names of the registered rewards."""
-  return sorted(_REWARDS)
+  return _REWARDS.names()
 
 
 def get_reward(name: str, **kwargs):
@@ -38,9 +32,7 @@ def get_reward(name: str, **kwargs):
   Raises:
     ValueError: unknown name (the message lists the registered ones).
   """
-  if name not in _REWARDS:
-    raise ValueError(f"unknown reward {name!r}; available: {available_rewards()}")
-  return _REWARDS[name](**kwargs)
+  return _REWARDS.get(name)(**kwargs)
 
 
 def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> None:
