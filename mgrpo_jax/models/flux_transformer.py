@@ -125,14 +125,8 @@ class FluxTransformerConfig:
     Raises:
       ValueError: naming the unknown key, the wrong class or the unsupported value.
     """
-    class_name = config.get("_class_name", "FluxTransformer2DModel")
-    if class_name != "FluxTransformer2DModel":
-      raise ValueError(f"config _class_name={class_name!r}, expected 'FluxTransformer2DModel'")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _ARCH_FIELDS)
-    if unknown:
-      raise ValueError(f"FLUX transformer config has keys {unknown} this implementation does not "
-                       f"know (known: {list(_ARCH_FIELDS)})")
-    kwargs = {k: config[k] for k in _ARCH_FIELDS if k in config}
+    kwargs = weights.diffusers_arch_kwargs(config, "FluxTransformer2DModel", _ARCH_FIELDS,
+                                           "FLUX transformer")
     if kwargs.get("out_channels") is None:
       kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
     return cls(**kwargs, **overrides)

@@ -143,24 +143,13 @@ class SD3TransformerConfig:
   @classmethod
   def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> SD3TransformerConfig:
     """From a diffusers `transformer/config.json` dict; `overrides` set dtype/param_dtype/remat/
-    attention.
-
-    Keys starting with '_' (`_class_name`, `_diffusers_version`, `_name_or_path`) carry no
-    architecture and are ignored, except that `_class_name`, when present, must be
-    SD3Transformer2DModel. Any other key is an architecture argument: unknown ones are refused
-    rather than silently dropped, since dropping one would build a different network.
+    attention. Unknown architecture keys are refused (`weights.diffusers_arch_kwargs`).
 
     Raises:
-      ValueError: naming the unknown key or unsupported value.
+      ValueError: naming the unknown key, the wrong class or the unsupported value.
     """
-    class_name = config.get("_class_name", "SD3Transformer2DModel")
-    if class_name != "SD3Transformer2DModel":
-      raise ValueError(f"config _class_name={class_name!r}, expected 'SD3Transformer2DModel'")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _ARCH_FIELDS)
-    if unknown:
-      raise ValueError(f"SD3 transformer config has keys {unknown} this implementation does not "
-                       f"know (known: {list(_ARCH_FIELDS)})")
-    kwargs = {k: config[k] for k in _ARCH_FIELDS if k in config}
+    kwargs = weights.diffusers_arch_kwargs(config, "SD3Transformer2DModel", _ARCH_FIELDS,
+                                           "SD3 transformer")
     if kwargs.get("out_channels") is None:
       kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
     if kwargs.get("pos_embed_max_size", 96) is None:

@@ -86,29 +86,23 @@ class VAEConfig:
       ValueError: an unknown key, or a supported key with a value other than SD3's layout
         (quant convs, other block types, activations), named in the message.
     """
-    class_name = config.get("_class_name", "AutoencoderKL")
-    if class_name != "AutoencoderKL":
-      raise ValueError(f"vae config _class_name={class_name!r}, expected 'AutoencoderKL'")
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _ARCH_FIELDS)
-    if unknown:
-      raise ValueError(f"VAE config has keys {unknown} this implementation does not know "
-                       f"(known: {list(_ARCH_FIELDS)})")
-    n = len(config.get("block_out_channels", cls.block_out_channels))
+    arch = weights.diffusers_arch_kwargs(config, "AutoencoderKL", _ARCH_FIELDS, "VAE")
+    n = len(arch.get("block_out_channels", cls.block_out_channels))
     required = {"use_quant_conv": False, "use_post_quant_conv": False, "act_fn": "silu",
                 "down_block_types": ["DownEncoderBlock2D"] * n,
                 "up_block_types": ["UpDecoderBlock2D"] * n}
     for key, value in required.items():
-      if key in config and _normalise(config[key]) != _normalise(value):
-        raise ValueError(f"VAE config {key}={config[key]!r} is not supported (SD3's VAE has "
+      if key in arch and _normalise(arch[key]) != _normalise(value):
+        raise ValueError(f"VAE config {key}={arch[key]!r} is not supported (SD3's VAE has "
                          f"{value!r})")
     for key in ("latents_mean", "latents_std"):
-      if config.get(key) is not None:
+      if arch.get(key) is not None:
         raise ValueError(f"VAE config {key} is set; per-channel latent statistics are not "
                          "supported (SD3 uses scaling_factor / shift_factor)")
-    kwargs = {k: config[k] for k in ("in_channels", "out_channels", "block_out_channels",
-                                     "layers_per_block", "latent_channels", "norm_num_groups",
-                                     "sample_size", "scaling_factor", "shift_factor",
-                                     "mid_block_add_attention") if k in config}
+    kwargs = {k: arch[k] for k in ("in_channels", "out_channels", "block_out_channels",
+                                   "layers_per_block", "latent_channels", "norm_num_groups",
+                                   "sample_size", "scaling_factor", "shift_factor",
+                                   "mid_block_add_attention") if k in arch}
     if kwargs.get("shift_factor") is None:
       kwargs["shift_factor"] = 0.0
     return cls(**kwargs, **overrides)

@@ -248,6 +248,35 @@ def config_fields(cls, config: dict[str, Any], **overrides) -> Any:
   return cls(**{k: config[k] for k in names if k in config and k not in overrides}, **overrides)
 
 
+def diffusers_arch_kwargs(config: dict[str, Any], class_name: str, fields: Iterable[str],
+                          what: str) -> dict[str, Any]:
+  """The architecture arguments (`fields` present) of a diffusers model's config.json dict.
+
+  Keys starting with '_' (`_class_name`, `_diffusers_version`, `_name_or_path`) carry no
+  architecture and are ignored, except that `_class_name`, when present, must be `class_name`.
+  Any other key is an architecture argument: unknown ones are refused rather than silently
+  dropped, since dropping one would build a different network.
+
+  Args:
+    config: the parsed config.json.
+    class_name: the diffusers model class the implementation matches ("AutoencoderKL", ...).
+    fields: the architecture keys the implementation knows.
+    what: names the model in errors ("SD3 transformer", "VAE").
+
+  Raises:
+    ValueError: another `_class_name`, or unknown keys (listed with the known ones).
+  """
+  fields = tuple(fields)
+  found = config.get("_class_name", class_name)
+  if found != class_name:
+    raise ValueError(f"{what} config _class_name={found!r}, expected {class_name!r}")
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in fields)
+  if unknown:
+    raise ValueError(f"{what} config has keys {unknown} this implementation does not know "
+                     f"(known: {list(fields)})")
+  return {k: config[k] for k in fields if k in config}
+
+
 def place(array: np.ndarray, target: jax.ShapeDtypeStruct) -> jax.Array:
   """Puts a host tensor into `target`'s sharding and dtype, copying only each device's slice."""
   if tuple(array.shape) != tuple(target.shape):
