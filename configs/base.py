@@ -103,8 +103,12 @@ def get_config(arg=None):
   # Reward names (mgrpo_jax/rewards registry) and their weights in the combined advantage.
   config.reward.names = ("ocr", "text_color")
   config.reward.weights = (1.0, 1.0)
-  # Host threads for reward computation.
+  # Host threads or processes for reward computation (0 = one per CPU core).
   config.reward.num_workers = 4
+  # Host reward pool: "thread" or "process". Processes scale OCR to many cores (its
+  # pre/post-processing holds the GIL); threads start instantly, and on a small host whose
+  # cores also do the sampling (the CPU tiny job) processes have no spare cores to use.
+  config.reward.pool = "thread"
   # Local directories of the on-device reward models (transformers CLIPModel layout with
   # tokenizer files; nothing is downloaded): PickScore_v1 for `pickscore`, CLIP ViT-L/14 for
   # `clipscore` and `aesthetic`, and the converted aesthetic head (safetensors) for `aesthetic`.

@@ -35,9 +35,10 @@ from typing import Any
 LOCK_NAME = "lock"
 
 # Config fields a resumed run may change: the run's length, logging / evaluation / checkpoint
-# cadence, the host reward threads, and the device mesh (a checkpoint restores into any
+# cadence, the host reward pool, and the device mesh (a checkpoint restores into any
 # sharding). Everything else defines the experiment.
-RESUMABLE_FIELDS = ("train.num_iterations", "log.*", "reward.num_workers", "mesh.*")
+RESUMABLE_FIELDS = ("train.num_iterations", "log.*", "reward.num_workers", "reward.pool",
+                    "mesh.*")
 
 
 class WorkdirLocked(RuntimeError):

@@ -37,7 +37,8 @@ class RewardScorer:
     self.device = {name: device_lib.DeviceReward(name, reward_config, mesh)
                    for name in self.names if device_lib.is_device_reward(name)}
     host = {name: {} for name in self.names if name not in self.device}
-    self.host = (HostRewards(host, max_workers=reward_config.num_workers) if host else None)
+    self.host = (HostRewards(host, max_workers=reward_config.num_workers,
+                             pool=reward_config.get("pool", "thread")) if host else None)
 
   def device_scores(self, device_scores: Mapping[str, Any],
                     flat_prompts: Sequence[str]) -> dict[str, np.ndarray]:
