@@ -33,7 +33,6 @@ import concurrent.futures.process as cf_process
 import multiprocessing
 import os
 import pickle
-import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -197,15 +196,12 @@ class HostRewards:
     if self._processes is None:
       context = multiprocessing.get_context(_start_method())
       if context.get_start_method() == "forkserver":
-        # Imported once by the server, so forked workers find them loaded. Workers re-run the
-        # main module (multiprocessing resolves functions of the main script through it): a
-        # script path is preloaded by '__main__', a `python -m` module by its name.
-        main_spec = getattr(sys.modules["__main__"], "__spec__", None)
-        preload = ["__main__", "mgrpo_jax.rewards"]
-        if main_spec is not None and not main_spec.name.endswith("__main__"):
-          preload.append(main_spec.name)
-        # Ignored if this process's forkserver is already running.
-        context.set_forkserver_preload(preload)
+        # Imported once by the server, so forked workers find them loaded. '__main__' (the
+        # default) is the main script, which workers need to resolve its functions; a module
+        # run with `python -m` is not preloaded and each worker imports it once when it starts
+        # (preloading it under its own name would run its body twice in a worker). Ignored if
+        # this process's forkserver is already running.
+        context.set_forkserver_preload(["__main__", "mgrpo_jax.rewards"])
       self._processes = cf.ProcessPoolExecutor(
           self.max_workers, mp_context=context, initializer=_init_worker,
           initargs=(self._factories,))
