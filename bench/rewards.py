@@ -12,7 +12,9 @@ done that way against sampling and scoring one after the other.
 With --ocr-scaling it prints only a Markdown table of OCR images/s on the 512 px text images
 against the number of workers, for the thread and the process pool (`reward.pool`), each
 batch of --images fresh images cut over the workers as in training; "first batch" is the
-pool's start-up (forkserver, worker processes, OCR model loads) plus that batch:
+pool's start-up (forkserver, worker processes, OCR model loads) plus that batch. A line above
+it gives the share of one thread's OCR time spent in onnxruntime, which bounds what threads
+can gain (the rest holds the GIL):
 
   python bench/rewards.py --ocr-scaling --workers 1 2 --images 32
 
@@ -44,6 +46,7 @@ from mgrpo_jax.config_utils import load_sibling
 from mgrpo_jax.models import clip as clip_lib
 from mgrpo_jax.models import registry
 from mgrpo_jax.rewards import device as device_lib
+from mgrpo_jax.rewards import ocr as ocr_lib
 from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule
 from mgrpo_jax.sampling.tree import tree_spec_from_config
@@ -120,6 +123,34 @@ def ocr_scaling(images: np.ndarray, workers, pools=("thread", "process"), repeat
           best = min(best, time.perf_counter() - t0)
       rows.append((pool, host.max_workers, n / best, first))
   return rows
+
+
+def ocr_released_share(images: np.ndarray) -> float:
+  """Share of one thread's OCR wall time spent inside onnxruntime's `run`, which releases the
+  GIL; the rest (RapidOCR's Python and numpy pre- and post-processing) holds it, so threads
+  can speed OCR up at most 1 / (1 - share) times (Amdahl), processes are not so bounded."""
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  engine = ocr_lib.OcrEngine()
+  engine(images[0, ::-1].copy())  # load the models (a flipped image: not cached)
+  inside = [0.0]
+  run = onnxruntime.InferenceSession.run
+
+  def timed_run(self, *args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+      return run(self, *args, **kwargs)
+    finally:
+      inside[0] += time.perf_counter() - t0
+
+  onnxruntime.InferenceSession.run = timed_run
+  try:
+    t0 = time.perf_counter()
+    for image in images:
+      engine(image)
+    total = time.perf_counter() - t0
+  finally:
+    onnxruntime.InferenceSession.run = run
+  return inside[0] / total
 
 
 def print_ocr_scaling(rows) -> None:
@@ -250,7 +281,11 @@ def main():
   args = parser.parse_args()
   print(f"cpu cores={os.cpu_count()} images per call={args.images}")
   if args.ocr_scaling:
-    print_ocr_scaling(ocr_scaling(text_images(args.images), args.workers))
+    images = text_images(args.images)
+    share = ocr_released_share(images[:8])
+    print(f"one thread: {share:.0%} of OCR wall time inside onnxruntime (GIL released), so "
+          f"threads can speed OCR up at most {1 / max(1 - share, 1e-9):.0f}x")
+    print_ocr_scaling(ocr_scaling(images, args.workers))
     return
   rng = np.random.default_rng(0)
   kinds = {"tiny 64px": rng.integers(0, 256, (args.images, 64, 64, 3), dtype=np.uint8),
