@@ -339,15 +339,7 @@ class FluxTransformer(nnx.Module):
     if c != cfg.latent_channels or h % PACK or w % PACK:
       raise ValueError(f"latents shape {latents.shape}: expected [B, h, w, {cfg.latent_channels}]"
                        " with h and w even")
-    if sigma.shape != (b,):
-      raise ValueError(f"sigma shape {sigma.shape}, expected ({b},)")
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b or \
-        encoder_hidden_states.shape[2] != cfg.joint_attention_dim:
-      raise ValueError(f"encoder_hidden_states shape {encoder_hidden_states.shape}, expected "
-                       f"[{b}, L, {cfg.joint_attention_dim}]")
-    if pooled_projections.shape != (b, cfg.pooled_projection_dim):
-      raise ValueError(f"pooled_projections shape {pooled_projections.shape}, expected "
-                       f"({b}, {cfg.pooled_projection_dim})")
+    sd3t.check_conditioning(cfg, b, sigma, encoder_hidden_states, pooled_projections)
     if cfg.guidance_embeds and (guidance is None or guidance.shape != (b,)):
       raise ValueError(f"this FLUX transformer embeds the guidance scale: pass guidance [{b}], "
                        f"got {None if guidance is None else guidance.shape}")

@@ -140,6 +140,11 @@ class SD3TransformerConfig:
   def inner_dim(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
 
+  @property
+  def latent_channels(self) -> int:
+    """Channels of one NHWC latent (as `FluxTransformerConfig.latent_channels`)."""
+    return self.in_channels
+
   @classmethod
   def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> SD3TransformerConfig:
     """From a diffusers `transformer/config.json` dict; `overrides` set dtype/param_dtype/remat/
@@ -233,6 +238,22 @@ def _linear(cfg: SD3TransformerConfig, in_features: int, out_features: int,
       in_features, out_features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), axes),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+
+
+def check_conditioning(cfg: Any, batch: int, sigma: jax.Array, encoder_hidden_states: jax.Array,
+                       pooled_projections: jax.Array) -> None:
+  """Raises ValueError (at trace time) unless the inputs beside the latents fit `cfg` (an SD3 or
+  FLUX transformer config): sigma [B], encoder_hidden_states [B, L, joint_attention_dim],
+  pooled_projections [B, pooled_projection_dim], with B = `batch`."""
+  if sigma.shape != (batch,):
+    raise ValueError(f"sigma shape {sigma.shape}, expected ({batch},)")
+  if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or \
+      encoder_hidden_states.shape[2] != cfg.joint_attention_dim:
+    raise ValueError(f"encoder_hidden_states shape {encoder_hidden_states.shape}, expected "
+                     f"[{batch}, L, {cfg.joint_attention_dim}]")
+  if pooled_projections.shape != (batch, cfg.pooled_projection_dim):
+    raise ValueError(f"pooled_projections shape {pooled_projections.shape}, expected "
+                     f"({batch}, {cfg.pooled_projection_dim})")
 
 
 class RMSNorm(nnx.Module):
@@ -473,15 +494,7 @@ class SD3Transformer(nnx.Module):
     if c != cfg.in_channels or h % p or w % p:
       raise ValueError(f"latents shape {latents.shape}: expected [B, h, w, {cfg.in_channels}] "
                        f"with h and w divisible by patch_size={p}")
-    if sigma.shape != (b,):
-      raise ValueError(f"sigma shape {sigma.shape}, expected ({b},)")
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b or \
-        encoder_hidden_states.shape[2] != cfg.joint_attention_dim:
-      raise ValueError(f"encoder_hidden_states shape {encoder_hidden_states.shape}, expected "
-                       f"[{b}, L, {cfg.joint_attention_dim}]")
-    if pooled_projections.shape != (b, cfg.pooled_projection_dim):
-      raise ValueError(f"pooled_projections shape {pooled_projections.shape}, expected "
-                       f"({b}, {cfg.pooled_projection_dim})")
+    check_conditioning(cfg, b, sigma, encoder_hidden_states, pooled_projections)
     gh, gw = h // p, w // p
     pos = cropped_pos_embed(cfg.inner_dim, gh, gw, cfg.pos_embed_max_size,
                             cfg.sample_size // p)
