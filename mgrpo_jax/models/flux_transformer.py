@@ -125,10 +125,8 @@ class FluxTransformerConfig:
     Raises:
       ValueError: naming the unknown key, the wrong class or the unsupported value.
     """
-    kwargs = weights.diffusers_arch_kwargs(config, "FluxTransformer2DModel", _ARCH_FIELDS,
-                                           "FLUX transformer")
-    if kwargs.get("out_channels") is None:
-      kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+    kwargs = sd3t.transformer_arch_kwargs(cls, config, "FluxTransformer2DModel", _ARCH_FIELDS,
+                                          "FLUX transformer")
     return cls(**kwargs, **overrides)
 
 

@@ -153,16 +153,24 @@ class SD3TransformerConfig:
     Raises:
       ValueError: naming the unknown key, the wrong class or the unsupported value.
     """
-    kwargs = weights.diffusers_arch_kwargs(config, "SD3Transformer2DModel", _ARCH_FIELDS,
-                                           "SD3 transformer")
-    if kwargs.get("out_channels") is None:
-      kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+    kwargs = transformer_arch_kwargs(cls, config, "SD3Transformer2DModel", _ARCH_FIELDS,
+                                     "SD3 transformer")
     if kwargs.get("pos_embed_max_size", 96) is None:
       raise ValueError("SD3 transformer config: pos_embed_max_size=None (an uncropped position "
                        "table) is not supported; expected an int")
     if "dual_attention_layers" in kwargs:
       kwargs["dual_attention_layers"] = tuple(kwargs["dual_attention_layers"])
     return cls(**kwargs, **overrides)
+
+
+def transformer_arch_kwargs(cls, config: Mapping[str, Any], class_name: str,
+                            fields: tuple[str, ...], what: str) -> dict[str, Any]:
+  """`weights.diffusers_arch_kwargs` of a transformer config `cls` (SD3's or FLUX's), where, as
+  in diffusers, a missing or None `out_channels` means `in_channels`."""
+  kwargs = weights.diffusers_arch_kwargs(config, class_name, fields, what)
+  if kwargs.get("out_channels") is None:
+    kwargs["out_channels"] = kwargs.get("in_channels", cls.in_channels)
+  return kwargs
 
 
 # ---- fixed embeddings (no parameters) ------------------------------------------------------------
