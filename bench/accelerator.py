@@ -335,19 +335,22 @@ def _jax_train(work, policy, adapters, base, sigmas, sampler, warmup, repeats):
   n = work.train_batch
   k = jax.random.split(jax.random.key(6), 4)
   x = jax.random.normal(k[0], (n, 1) + work.latent, jnp.float32)
-  batch = {"latents": x, "next_latents": x + 0.05 * jax.random.normal(k[1], x.shape),
-           "log_probs": jnp.zeros((n, 1)), "advantages": jax.random.normal(k[2], (n, 1)),
-           "keep": jnp.ones((n, 1)),
-           "steps": jax.random.randint(k[3], (n, 1), 0, work.steps - 1).astype(jnp.int32),
-           "cond": random_cond(work, n, jax.random.key(7))}
-  if sampler.guidance_scale != 1.0:
-    batch["neg_cond"] = random_cond(work, n, jax.random.key(8))
-  state = {"trainable": jax.tree.map(jnp.copy, adapters),
-           "opt_state": jax.jit(tx.init)(adapters), "step": jnp.zeros([], jnp.int32)}
+  transitions = train_step_lib.Transitions(
+      latents=x, next_latents=x + 0.05 * jax.random.normal(k[1], x.shape),
+      log_probs=jnp.zeros((n, 1)), advantages=jax.random.normal(k[2], (n, 1)),
+      keep=jnp.ones((n, 1)),
+      steps=jax.random.randint(k[3], (n, 1), 0, work.steps - 1).astype(jnp.int32))
+  neg_cond = (random_cond(work, n, jax.random.key(8)) if sampler.guidance_scale != 1.0
+              else None)
+  batch = train_step_lib.Minibatch(transitions, random_cond(work, n, jax.random.key(7)),
+                                   neg_cond)
+  state = train_step_lib.TrainState(jax.tree.map(jnp.copy, adapters),
+                                    jax.jit(tx.init)(adapters), jnp.zeros([], jnp.int32))
   holder = {"state": state}
 
   def call(i):
-    holder["state"], metrics = step(holder["state"], batch, jax.random.key(i), base)
+    del i
+    holder["state"], metrics = step(holder["state"], batch, base)
     return metrics["loss"]
 
   return median_ms(call, warmup, repeats, jax.block_until_ready)

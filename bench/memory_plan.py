@@ -141,8 +141,8 @@ def plan(args, per_device: int, layers: tuple[int, ...]) -> dict[str, float]:
       transform_non_params=lambda _: replicated)
   opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                            opt_state, opt_shardings)
-  state = {"trainable": trainable, "opt_state": opt_state,
-           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)}
+  state = train_step_lib.TrainState(trainable, opt_state,
+                                    jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated))
 
   T = 10
   spec = make_tree_spec(T, schedule.sde_step_mask(T, None), num_roots=1)
@@ -159,15 +159,14 @@ def plan(args, per_device: int, layers: tuple[int, ...]) -> dict[str, float]:
                                                                                    len(shape)))
   cond = {"hidden": batched((P, args.text_len, 4096), jnp.bfloat16),
           "pooled": batched((P, pooled_dim), jnp.bfloat16)}
-  batch = {"latents": batched((P, 1, h, h, channels), jnp.float32),
-           "next_latents": batched((P, 1, h, h, channels), jnp.float32),
-           "log_probs": batched((P, 1), jnp.float32), "steps": batched((P, 1), jnp.int32),
-           "advantages": batched((P, 1), jnp.float32), "keep": batched((P, 1), jnp.float32),
-           "cond": cond, "neg_cond": cond if args.cfg != 1.0 else None}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
+  transitions = train_step_lib.Transitions(
+      latents=batched((P, 1, h, h, channels), jnp.float32),
+      next_latents=batched((P, 1, h, h, channels), jnp.float32),
+      log_probs=batched((P, 1), jnp.float32), steps=batched((P, 1), jnp.int32),
+      advantages=batched((P, 1), jnp.float32), keep=batched((P, 1), jnp.float32))
+  batch = train_step_lib.Minibatch(transitions, cond, cond if args.cfg != 1.0 else None)
   with jax.set_mesh(mesh):  # activation sharding hints (sharding.constrain) need the mesh
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, key, frozen).compile()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, batch, frozen).compile()
   mem = compiled.memory_analysis()
   return {"arguments": mem.argument_size_in_bytes / GiB, "outputs": mem.output_size_in_bytes / GiB,
           "temporaries": mem.temp_size_in_bytes / GiB,

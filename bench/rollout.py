@@ -20,11 +20,10 @@ import time
 
 import jax
 
-from mgrpo_jax import policy as policy_lib
+from mgrpo_jax import runtime as runtime_lib
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.config_utils import load_sibling
-from mgrpo_jax.models import registry
 from mgrpo_jax.sampling import rollout as rollout_lib
 from mgrpo_jax.sampling import schedule
 from mgrpo_jax.sampling.tree import make_tree_spec
@@ -59,16 +58,13 @@ def main():
   base.model.num_layers = args.layers
   base.model.num_heads = args.heads
   base.model.head_dim = 32
-  mesh = sharding_lib.make_mesh(base.mesh)
-  generator = registry.get_generator(base.model)
-  graphdef, trainable, frozen = policy_lib.build_model_states(generator, base, mesh)
-  policy = policy_lib.Policy(graphdef, True)
-  sampler = rollout_lib.sampler_from_config(base)
+  runtime = runtime_lib.build_runtime(base, sharding_lib.make_mesh(base.mesh), "sample")
+  generator, policy, sampler = runtime.generator, runtime.policy, runtime.sampler
+  trainable, frozen = runtime.trainable, runtime.frozen
   sigmas = schedule.generator_sigmas(generator, base, args.steps)
   mask = schedule.sde_step_mask(args.steps, None)
-  prompts = [f"a sign that reads \"bench {i}\"" for i in range(args.prompts)]
-  tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
-  neg = sharding_lib.global_batch(generator.tokenize([""] * args.prompts), mesh)
+  tokens = runtime.tokens([f"a sign that reads \"bench {i}\"" for i in range(args.prompts)])
+  neg = runtime.tokens([""] * args.prompts)
 
   rows = []
   for name, roots, branch_steps, factors in tree_shapes(args.steps, args.leaves):

@@ -272,7 +272,7 @@ def _sample_rewards(config, workdir: str) -> np.ndarray:
   finally:
     trainer.close()
     shutil.rmtree(workdir, ignore_errors=True)
-  return np.concatenate([np.asarray(b["rewards"]) for b in batches])
+  return np.concatenate([np.asarray(b.rewards) for b in batches])
 
 
 def init_statistics(seed: int, quick: bool, workdir: str) -> dict[str, Any]:

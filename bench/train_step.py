@@ -19,14 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mgrpo_jax import policy as policy_lib
+from mgrpo_jax import runtime as runtime_lib
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax.config_utils import load_sibling
-from mgrpo_jax.models import registry
-from mgrpo_jax.sampling import rollout as rollout_lib
-from mgrpo_jax.sampling import schedule
-from mgrpo_jax.sampling.tree import tree_spec_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,41 +46,35 @@ def main():
   name = os.path.splitext(os.path.basename(args.config))[0]
   config = load_sibling(args.config, name).get_config(args.variant)
 
-  mesh = sharding_lib.make_mesh(config.mesh)
-  generator = registry.get_generator(config.model)
-  spec = tree_spec_from_config(config)
-  sampler = rollout_lib.sampler_from_config(config)
-  # The generator's own schedule (FLUX's differs from SD3's shifted one), as the trainer uses.
-  sigmas = schedule.generator_sigmas(generator, config, config.sample.num_steps)
-  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
-  policy = policy_lib.Policy(graphdef, bool(config.lora.enabled))
+  # The trainer's own runtime: same weights, jitted functions and shardings as a run.
+  runtime = runtime_lib.build_runtime(config, sharding_lib.make_mesh(config.mesh), "train")
+  state = runtime.init_state(num_prompts=1).replace(prompt_stats=None)
+  fns = runtime.iteration_fns()
+  spec, sampler = fns.spec, runtime.sampler
   P = config.data.prompts_per_batch
-  prompts = [f'a sign that reads "bench {i}"' for i in range(P)]
-  tokens = sharding_lib.global_batch(generator.tokenize(prompts), mesh)
-  neg = sharding_lib.global_batch(generator.tokenize([""] * P), mesh)
+  tokens = runtime.tokens([f'a sign that reads "bench {i}"' for i in range(P)])
+  neg = runtime.tokens([""] * P)
+  key = jax.random.key(0)
 
-  sample = jax.jit(train_step_lib.make_sample_fn(policy, spec, sampler, sigmas,
-                                                 generator.latent_shape))
   t_sample = median_seconds(
-      lambda r: sample(trainable, frozen, tokens, neg, jax.random.key(r)), args.repeats)
-  out, cond, neg_cond, _ = sample(trainable, frozen, tokens, neg, jax.random.key(0))
+      lambda r: fns.sample(state.trainable, runtime.frozen, tokens, neg, key, r), args.repeats)
+  out, cond, neg_cond, _ = fns.sample(state.trainable, runtime.frozen, tokens, neg, key, 0)
+  ones = jnp.ones_like(out.log_probs)
+  minibatches, normalizer = runtime.minibatch_fn(
+      train_step_lib.Transitions.from_rollout(out, ones, ones), key)
+  batch = train_step_lib.Minibatch(jax.tree.map(lambda a: a[0], minibatches), cond, neg_cond,
+                                   normalizer[0])
+  holder = {"state": state}  # the train step donates its state: each call takes the last one
 
-  tx = policy_lib.make_optimizer(config)
-  nmb = config.train.num_minibatches
-  minibatches, normalizer = jax.jit(train_step_lib.make_minibatch_fn(nmb))(
-      {"latents": out.latents, "next_latents": out.next_latents, "log_probs": out.log_probs,
-       "steps": out.steps, "advantages": jnp.ones_like(out.log_probs),
-       "keep": jnp.ones_like(out.log_probs)}, jax.random.key(0))
-  batch = jax.tree.map(lambda a: a[0], minibatches)
-  batch.update(cond=cond, neg_cond=neg_cond, normalizer=normalizer[0])
-  step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
-  state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
-           "step": jnp.zeros([], jnp.int32)}
-  t_train = median_seconds(lambda r: step(state, batch, jax.random.key(r), frozen)[1]["loss"],
-                           args.repeats)
+  def train(r):
+    del r
+    holder["state"], metrics = fns.train_step(holder["state"], batch, runtime.frozen)
+    return metrics["loss"]
+
+  t_train = median_seconds(train, args.repeats)
 
   images = P * spec.num_leaves
-  transitions = int(np.prod(batch["log_probs"].shape))
+  transitions = int(np.prod(batch.transitions.log_probs.shape))
   print(f"backend={jax.default_backend()} devices={jax.device_count()} config={name}"
         f"{':' + args.variant if args.variant else ''} prompts={P} leaves/prompt={spec.num_leaves} "
         f"steps={spec.num_steps} cfg={sampler.guidance_scale} repeats={args.repeats} (median)")

@@ -321,6 +321,13 @@ class Checkpointer:
           f"abstract state does not match checkpoint step {step} in {self.directory} "
           f"({len(problems)} problem(s)):\n  {listed}")
 
+  def saved_keys(self, step: int) -> set[str]:
+    """Top-level keys of the state saved at `step` (e.g. to restore a checkpoint written
+    before a field was dropped from the state)."""
+    self._require_step(int(step))
+    tree = self._manager.item_metadata(int(step))[_STATE].tree
+    return {str(k) for k in tree}
+
   def _require_step(self, step: int) -> None:
     if step not in self._manager.all_steps():
       raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory}; "

@@ -21,7 +21,6 @@ the weights are created.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import re
@@ -29,15 +28,10 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
-from mgrpo_jax import policy as policy_lib
+from mgrpo_jax import runtime as runtime_lib
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax import train_step as train_step_lib
-from mgrpo_jax.sampling import rollout as rollout_lib
-from mgrpo_jax.sampling import schedule
-from mgrpo_jax.sampling.tree import TreeSpec
 
 _PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
@@ -126,30 +120,11 @@ def _targets_for_file(generator, model_name: str, lora_path: str) -> tuple[list[
 class Pipeline:
   """A loaded generator (+ adapters): `pipe(prompts, steps, guidance, seed)` -> PIL images."""
 
-  def __init__(self, config: ml_collections.ConfigDict, weights: tuple[Any, Any, Any],
-               generator, mesh, lora_source: str | None, iteration: int | None):
-    self.config = config
-    self.generator = generator
-    self.mesh = mesh
-    self._graphdef, self._trainable, self._frozen = weights
+  def __init__(self, runtime, lora_source: str | None, iteration: int | None):
+    self.runtime = runtime  # a "sample" Runtime: no optimizer state
+    self.config, self.generator, self.mesh = runtime.config, runtime.generator, runtime.mesh
     self.lora_source = lora_source
     self.iteration = iteration  # the workdir checkpoint's iteration, if loaded from one
-    self._policy = policy_lib.Policy(self._graphdef, bool(config.lora.enabled))
-    self._jitted = {}
-
-  def _sample_fn(self, steps: int, guidance: float):
-    """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]."""
-    if (steps, guidance) in self._jitted:
-      return self._jitted[steps, guidance]
-    sampler = dataclasses.replace(rollout_lib.sampler_from_config(self.config),
-                                  guidance_scale=float(guidance))
-    spec = TreeSpec(steps, 1, (), (), (False,) * steps)  # ODE, one image per prompt
-    sigmas = schedule.generator_sigmas(self.generator, self.config, steps)
-    sample = train_step_lib.make_sample_fn(self._policy, spec, sampler, sigmas,
-                                           self.generator.latent_shape)
-    fn = jax.jit(lambda *args: sample(*args)[3][:, 0])
-    self._jitted[steps, guidance] = sharding_lib.with_mesh(fn, self.mesh)
-    return self._jitted[steps, guidance]
 
   def __call__(self, prompts: str | Sequence[str], steps: int | None = None,
                guidance: float | None = None, seed: int = 0,
@@ -171,23 +146,10 @@ class Pipeline:
       raise ValueError("pipeline: no prompts given")
     if output_type not in ("pil", "np"):
       raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-    steps = int(self.config.sample.eval_num_steps if steps is None else steps)
-    if steps < 1:
-      raise ValueError(f"steps must be >= 1, got {steps}")
-    guidance = float(self.config.sample.guidance_scale if guidance is None else guidance)
-    negative = self.config.sample.negative_prompt if negative_prompt is None else negative_prompt
-    n = len(prompts)
-    padded = prompts + [prompts[-1]] * (-n % sharding_lib.batch_size_multiple(self.mesh))
-    put = lambda tokens: jax.tree.map(
-        lambda a: jax.device_put(np.asarray(a), sharding_lib.batch_sharding(self.mesh, a.ndim)),
-        tokens)
-    tokens = put(self.generator.tokenize(padded))
-    neg = put(self.generator.tokenize([negative] * len(padded)))
-    trainable = self._trainable
+    trainable = self.runtime.trainable
     if not use_lora and self.config.lora.enabled:
       trainable = jax.tree.map(jax.numpy.zeros_like, trainable)
-    images = np.asarray(self._sample_fn(steps, guidance)(
-        trainable, self._frozen, tokens, neg, jax.random.key(seed)))[:n]
+    images = self.runtime.render(trainable, prompts, seed, steps, guidance, negative_prompt)
     if output_type == "np":
       return images
     from PIL import Image  # pylint: disable=import-outside-toplevel
@@ -226,7 +188,8 @@ def _restore_workdir(trainable, workdir: str, ema: bool | None, step: int | None
 
 
 def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None = None,
-                  step: int | None = None, devices: Sequence[jax.Device] | None = None, **model_overrides) -> Pipeline:
+                  step: int | None = None, devices: Sequence[jax.Device] | None = None,
+                  **model_overrides) -> Pipeline:
   """Builds a `Pipeline` (see the module docstring).
 
   Args:
@@ -276,11 +239,11 @@ def load_pipeline(path_or_config, lora: str | None = None, *, ema: bool | None =
     config.lora.rank, config.lora.alpha = rank, float(rank)
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = sharding_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)
-  graphdef, trainable, frozen = policy_lib.build_model_states(generator, config, mesh)
+  runtime = runtime_lib.build_runtime(config, mesh, "sample")
   iteration = None
   if lora is not None and _is_workdir(lora):
-    trainable, iteration = _restore_workdir(trainable, lora, ema, step)
+    runtime.trainable, iteration = _restore_workdir(runtime.trainable, lora, ema, step)
   elif lora is not None:
-    trainable = export.load_adapters(trainable, config.model.name, lora, config.lora.rank,
-                                     config.lora.alpha)
-  return Pipeline(config, (graphdef, trainable, frozen), generator, mesh, lora, iteration)
+    runtime.trainable = export.load_adapters(runtime.trainable, config.model.name, lora,
+                                             config.lora.rank, config.lora.alpha)
+  return Pipeline(runtime, lora, iteration)

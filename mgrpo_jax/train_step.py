@@ -1,21 +1,29 @@
 """The device functions of one iteration, as pure functions to jit (shapes static per TreeSpec).
 
   make_encode_fn(policy)              -> (trainable, frozen, tokens) -> conditioning [B, ...]
-  make_sample_fn(policy, spec, ...)   -> (trainable, frozen, tokens, neg_tokens, key)
+  make_sample_fn(policy, spec, ...)   -> (trainable, frozen, tokens, neg_tokens, key, *fold)
                                          -> (Rollout, cond, neg_cond, images uint8 [P, L, H, W, 3])
   make_sample_from_cond_fn(...)       -> the same from precomputed conditionings (text cache)
   make_advantage_fn(spec, cfg)        -> (rewards [P, B, L, K], prompt_index [P, B], stats)
                                          -> (Advantages [B, P, ...], stats, summary scalars)
-  make_minibatch_fn(n)                -> (data {name: [P, M, ...]}, key)
-                                         -> ({name: [n, P, m, ...]}, normalizer [n])
-  make_train_step(policy, tx, ...)    -> (state, batch, rng, frozen) -> (state, metrics)
+  make_minibatch_fn(n)                -> (Transitions [P, M, ...], key, *fold)
+                                         -> (Transitions [n, P, m, ...], normalizer [n])
+  make_train_step(policy, tx, ...)    -> (TrainState, Minibatch, frozen) -> (TrainState, metrics)
   mean_metrics(per-minibatch metrics) -> the epoch's "train/*" scalars (host side)
-The trainer jits them with their shardings; sampling, evaluation and the benches use the same
-functions. Nothing here reads files, holds state or knows about processes.
+The state and the batches are typed pytrees (`TrainState`, `Transitions`, `Minibatch`). Random
+functions take the run's base key and fold the iteration's path into it (`*fold`, integers)
+inside the jitted function, as big_vision folds the step in its update: the host passes plain
+integers and never holds per-iteration keys. The train step itself is deterministic.
+`runtime.py` jits these with their shardings for training, sampling, evaluation and the benches.
+Nothing here reads files, holds state or knows about processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +37,84 @@ from mgrpo_jax.sampling import steps as steps_lib
 from mgrpo_jax.sampling.tree import TreeSpec
 
 
+@flax.struct.dataclass
+class TrainState:
+  """What the optimizer updates and the checkpoint keeps.
+
+  Attributes:
+    trainable: the trained weights (nnx.State; LoRA adapters or all weights).
+    opt_state: the optax state of `trainable`.
+    step: int32 [], minibatch updates done (optimizer updates x grad_accum_steps).
+    ema: an exponential moving average of `trainable` (None unless train.ema_decay > 0).
+    prompt_stats: per-prompt reward history [num_prompts, ...] (None unless
+      advantage.per_prompt_history); updated by the advantage function, not the train step.
+  """
+
+  trainable: Any
+  opt_state: Any
+  step: jax.Array
+  ema: Any = None
+  prompt_stats: Any = None
+
+  def to_checkpoint(self) -> dict[str, Any]:
+    """{field: value} of the fields that are set: the checkpoint's tree."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
+
+  @classmethod
+  def from_checkpoint(cls, tree: dict[str, Any]) -> "TrainState":
+    return cls(**tree)
+
+
+@flax.struct.dataclass
+class Transitions:
+  """Stored transitions with their advantages, [P, M, ...] per prompt (minibatches [P, m, ...]).
+
+  Attributes:
+    latents, next_latents: float [P, M, h, w, c], the transition x_t -> x_{t-1}.
+    log_probs: float32 [P, M], the sampler's log-prob of the transition when it was sampled.
+    steps: int32 [P, M], the denoising step of each transition.
+    advantages: float32 [P, M].
+    keep: float32 [P, M], 1 for transitions that train (0: padding, pruned or dropped groups).
+  """
+
+  latents: jax.Array
+  next_latents: jax.Array
+  log_probs: jax.Array
+  steps: jax.Array
+  advantages: jax.Array
+  keep: jax.Array
+
+  @classmethod
+  def from_rollout(cls, rollout, advantages, keep) -> "Transitions":
+    return cls(rollout.latents, rollout.next_latents, rollout.log_probs, rollout.steps,
+               advantages, keep)
+
+
+@flax.struct.dataclass
+class Minibatch:
+  """One update's input: P prompts x m transitions and the prompts' conditioning.
+
+  Attributes:
+    transitions: Transitions [P, m, ...].
+    cond, neg_cond: conditioning pytrees [P, ...] (neg_cond None without CFG).
+    normalizer: float32 [], the divisor of the loss's weighted means (None: the minibatch's
+      `keep` sum; see `make_minibatch_fn`).
+  """
+
+  transitions: Transitions
+  cond: Any
+  neg_cond: Any = None
+  normalizer: Any = None
+
+
+def fold_key(key: jax.Array, *fold) -> jax.Array:
+  """`key` with each integer of `fold` folded in, in order (traced or not: same bits)."""
+  for data in fold:
+    key = jax.random.fold_in(key, data)
+  return key
+
+
 def make_encode_fn(policy: Policy):
   """(trainable, frozen, tokens) -> conditioning pytree [B, ...]."""
 
@@ -39,12 +125,12 @@ def make_encode_fn(policy: Policy):
 
 
 def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
-  """(trainable, frozen, cond, neg_cond, key) -> (Rollout, images uint8 [P, L, H, W, 3])."""
+  """(trainable, frozen, cond, neg_cond, key, *fold) -> (Rollout, images uint8 [P, L, H, W, 3])."""
 
-  def sample_fn(trainable, frozen, cond, neg_cond, key):
+  def sample_fn(trainable, frozen, cond, neg_cond, key, *fold):
     model = policy.module(trainable, frozen)
-    out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond, key, spec,
-                              sigmas, latent_shape, sampler)
+    out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond,
+                              fold_key(key, *fold), spec, sigmas, latent_shape, sampler)
     P, L = out.final_latents.shape[:2]
     images = model.decode(out.final_latents.reshape((P * L,) + out.final_latents.shape[2:]))
     images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
@@ -54,15 +140,16 @@ def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, la
 
 
 def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
-  """(trainable, frozen, tokens, neg_tokens, key) -> (Rollout, cond, neg_cond, images uint8)."""
+  """(trainable, frozen, tokens, neg_tokens, key, *fold) -> (Rollout, cond, neg_cond, images
+  uint8 [P, L, H, W, 3]); the noise comes from `key` with `fold` folded in."""
   encode = make_encode_fn(policy)
   from_cond = make_sample_from_cond_fn(policy, spec, sampler, sigmas, latent_shape)
 
-  def sample_fn(trainable, frozen, tokens, neg_tokens, key):
+  def sample_fn(trainable, frozen, tokens, neg_tokens, key, *fold):
     cond = encode(trainable, frozen, tokens)
     use_cfg = sampler.guidance_scale != 1.0
     neg_cond = encode(trainable, frozen, neg_tokens) if use_cfg else None
-    out, images = from_cond(trainable, frozen, cond, neg_cond, key)
+    out, images = from_cond(trainable, frozen, cond, neg_cond, key, *fold)
     return out, cond, neg_cond, images
 
   return sample_fn
@@ -107,13 +194,11 @@ def make_advantage_fn(spec: TreeSpec, cfg: adv_lib.AdvantageConfig):
 
 
 def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_cfg):
-  """Builds train_step(state, batch, rng, frozen) -> (state, metrics).
+  """Builds train_step(state, batch, frozen) -> (state, metrics).
 
-  state: {'trainable', 'opt_state', 'step'} (+ 'ema'); `step` counts minibatches.
-  batch (P prompts x m transitions each): latents / next_latents [P, m, h, w, c],
-  log_probs / advantages / keep [P, m], steps [P, m] int32, cond / neg_cond pytrees [P, ...],
-  normalizer (optional): scalar divisor of the loss's weighted means (see `make_minibatch_fn`;
-  default the minibatch's `keep` sum).
+  state: TrainState (its `prompt_stats` is not read; pass it as None so it is not donated).
+  batch: Minibatch of P prompts x m transitions each (see `Minibatch`, `Transitions`).
+  The update is deterministic (the loss re-scores stored transitions), so it takes no key.
   """
   sigmas = jnp.asarray(sigmas)
   ema_decay = float(train_cfg.get("ema_decay", 0.0))
@@ -130,15 +215,15 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
   step_reweight = train_cfg.get("step_reweight", "none")
   losses.step_reweight_weights(step_reweight, 1.0, 0.0)  # validates the mode before tracing
 
-  def train_step(state, batch, rng, frozen):
-    del rng  # the update is deterministic; kept for a uniform step signature
-    P, m = batch["log_probs"].shape
+  def train_step(state: TrainState, batch: Minibatch, frozen):
+    data = batch.transitions
+    P, m = data.log_probs.shape
     flat = lambda a: a.reshape((P * m,) + a.shape[2:])
-    x, x_next = flat(batch["latents"]), flat(batch["next_latents"])
-    step = flat(batch["steps"])
+    x, x_next = flat(data.latents), flat(data.next_latents)
+    step = flat(data.steps)
     sigma, sigma_prev = sigmas[step], sigmas[step + 1]
     per_transition = lambda c: None if c is None else rollout_lib.repeat_cond(c, m)
-    cond, neg_cond = per_transition(batch["cond"]), per_transition(batch.get("neg_cond"))
+    cond, neg_cond = per_transition(batch.cond), per_transition(batch.neg_cond)
 
     def loss_fn(trainable):
       v = rollout_lib.guided_velocity(policy.velocity_fn(trainable, frozen), x, sigma, cond,
@@ -155,37 +240,37 @@ def make_train_step(policy: Policy, tx, spec: TreeSpec, sampler, sigmas, train_c
       kl_std = out.std if kl_mode == "flow_grpo" else out.transition_std
       norm_scale = (losses.ratio_norm_scale(sampler.method, sampler.cps_logprob,
                                             out.transition_std) if ratio_norm else None)
-      res = losses.grpo_loss(out.log_prob, flat(batch["log_probs"]), flat(batch["advantages"]),
+      res = losses.grpo_loss(out.log_prob, flat(data.log_probs), flat(data.advantages),
                              clip_range=clip_range, mean=out.mean, ref_mean=ref_mean,
-                             kl_std=kl_std, beta=beta, weights=flat(batch["keep"]), steps=step,
-                             num_steps=spec.num_steps, normalizer=batch.get("normalizer"),
+                             kl_std=kl_std, beta=beta, weights=flat(data.keep), steps=step,
+                             num_steps=spec.num_steps, normalizer=batch.normalizer,
                              ratio_norm_scale=norm_scale,
                              step_weights=losses.step_reweight_weights(step_reweight, sigma,
                                                                        sigma_prev))
       return res.loss, res.metrics
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state["trainable"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    trainable = optax.apply_updates(state["trainable"], updates)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     # The minibatch's weight in the epoch's metrics: its loss divisor (see `mean_metrics`).
-    metrics["minibatch_weight"] = (batch["normalizer"] if "normalizer" in batch
-                                   else batch["keep"].sum()).astype(jnp.float32)
-    new_state = {"trainable": trainable, "opt_state": opt_state, "step": state["step"] + 1}
-    if "ema" in state:
+    metrics["minibatch_weight"] = (batch.normalizer if batch.normalizer is not None
+                                   else data.keep.sum()).astype(jnp.float32)
+    new_state = state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1)
+    if state.ema is not None:
       # EMA of the trained weights (Flow-GRPO evaluates with it), updated after every
       # `ema_every`-th optimizer update (with gradient accumulation an update is `accum`
       # minibatches). With warm-up the decay is Flow-GRPO's min((1 + u) / (10 + u), decay) for
       # u optimizer updates before this one (flow_grpo/ema.py, get_current_decay).
-      updates_done = new_state["step"] // accum  # optimizer updates, this one included
-      is_update = new_state["step"] % accum == 0
+      updates_done = new_state.step // accum  # optimizer updates, this one included
+      is_update = new_state.step % accum == 0
       decay = jnp.asarray(ema_decay, jnp.float32)
       if ema_warmup:
         u = (updates_done - 1).astype(jnp.float32)
         decay = jnp.minimum((1.0 + u) / (10.0 + u), decay)
       decay = jnp.where(is_update & (updates_done % ema_every == 0), decay, 1.0)
-      new_state["ema"] = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p,
-                                      state["ema"], trainable)
+      new_state = new_state.replace(ema=jax.tree.map(
+          lambda e, p: decay * e + (1.0 - decay) * p, state.ema, trainable))
     return new_state, metrics
 
   return train_step
@@ -219,13 +304,15 @@ def make_minibatch_fn(num_minibatches: int):
   Any transition count M per prompt works: minibatches hold ceil(M / n) rows, the rows past M are
   padding with `keep` 0 (see `minibatch_layout`). Shuffling along the transition axis only keeps
   each prompt's rows on its data shard.
-  Returns fn(data {name: [P, M, ...]}, key) -> ({name: [n, P, m, ...]}, normalizer [n]), where
-  the normalizer of every minibatch is (sum of `keep` over the batch) / n: the divisor that makes
-  the mean of the n minibatch losses the batch's weighted mean loss.
+  Returns fn(data: Transitions [P, M, ...], key, *fold) -> (Transitions [n, P, m, ...],
+  normalizer [n]): the shuffle's key is `key` with the integers `fold` folded in (inside the
+  jitted function), and the normalizer of every minibatch is (sum of `keep` over the batch) / n,
+  the divisor that makes the mean of the n minibatch losses the batch's weighted mean loss.
   """
 
-  def fn(data, key):
-    P, M = data["log_probs"].shape
+  def fn(data: Transitions, key, *fold):
+    key = fold_key(key, *fold)
+    P, M = data.log_probs.shape
     position, valid = minibatch_layout(M, num_minibatches)
     n, m = position.shape
     perm = jax.vmap(lambda k: jax.random.permutation(k, M))(jax.random.split(key, P))
@@ -237,8 +324,8 @@ def make_minibatch_fn(num_minibatches: int):
       return jnp.swapaxes(a.reshape((P, n, m) + a.shape[2:]), 0, 1)
 
     out = jax.tree.map(split, data)
-    out["keep"] = out["keep"] * jnp.asarray(valid, out["keep"].dtype)[:, None, :]
-    normalizer = jnp.full([n], data["keep"].sum() / n, jnp.float32)
+    out = out.replace(keep=out.keep * jnp.asarray(valid, out.keep.dtype)[:, None, :])
+    normalizer = jnp.full([n], data.keep.sum() / n, jnp.float32)
     return out, normalizer
 
   return fn

@@ -25,12 +25,17 @@ import datetime
 import errno
 import fcntl
 import fnmatch
+import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from typing import Any
+
+import numpy as np
 
 LOCK_NAME = "lock"
 
@@ -239,10 +244,55 @@ def hold_for_process(workdir: str) -> None:
       atexit.register(lock.release)
 
 
+# ---- preemption ----------------------------------------------------------------------------------
+class SigtermWatch:
+  """`with SigtermWatch() as watch:` ... `watch.requested()`: True on every process once any
+  process got SIGTERM, so all stop at the same iteration (a collective in multi-process runs:
+  call it at the same point on every process). Outside the main thread no handler is installed
+  (signals only reach the main thread); the previous handler is restored on exit."""
+
+  def __init__(self):
+    self._flag = False
+    self._previous = None
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: finishing this iteration, then checkpointing and exiting")
+    self._flag = True
+
+  def __enter__(self) -> "SigtermWatch":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def requested(self) -> bool:
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    flag = self._flag
+    if jax.process_count() > 1:
+      flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return flag
+
+
 # ---- resume checks -------------------------------------------------------------------------------
 def config_record(config) -> dict[str, Any]:
   """The resolved config as plain JSON (tuples become lists), as stored in checkpoint metadata."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_hash(config) -> str:
+  """Short hash of the whole config (kept in checkpoint metadata beside `config_record`)."""
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_metadata(config) -> dict[str, Any]:
+  """The metadata a training checkpoint stores for `check_resume`."""
+  return {"config_hash": config_hash(config), "config": config_record(config)}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

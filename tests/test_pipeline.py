@@ -34,18 +34,18 @@ def test_pipeline_equals_trainer_render(tmp_path):
   try:
     base = trainer.render(PROMPTS[:2], seed=3)  # adapters at init: B = 0
     # Non-zero adapters (B is zero at init), so the checkpoint differs from the base model.
-    leaves, treedef = jax.tree.flatten(trainer.state["trainable"])
+    leaves, treedef = jax.tree.flatten(trainer.state.trainable)
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    trainer.state["trainable"] = jax.tree.unflatten(treedef, [
+    trainer.state = trainer.state.replace(trainable=jax.tree.unflatten(treedef, [
         jax.device_put(0.5 * jax.random.normal(k, x.shape, x.dtype), x.sharding)
-        for k, x in zip(keys, leaves)])
+        for k, x in zip(keys, leaves)]))
     trainer.save(1, force=True)
     expected = trainer.render(PROMPTS, seed=3)
   finally:
     trainer.close()
 
   pipe = mgrpo_jax.load_pipeline(config, lora=workdir)
-  assert pipe.iteration == 1 and len(jax.tree.leaves(pipe._frozen)) > 0
+  assert pipe.iteration == 1 and len(jax.tree.leaves(pipe.runtime.frozen)) > 0
   images = pipe(PROMPTS, seed=3, output_type="np")
   assert images.shape == expected.shape == (5,) + tuple(pipe.generator.image_shape)
   np.testing.assert_array_equal(images, expected)  # 5 prompts padded to 8 rows

@@ -47,7 +47,7 @@ needs_data = pytest.mark.skipif(not os.path.isdir(DATASETS) and "MGRPO_DATASETS"
 def final_params(workdir, config):
   trainer = trainer_lib.Trainer(config, workdir)
   try:
-    return jax.tree.map(np.asarray, trainer.state["trainable"]), trainer.start_iteration
+    return jax.tree.map(np.asarray, trainer.state.trainable), trainer.start_iteration
   finally:
     trainer.close()
 
@@ -172,15 +172,14 @@ def test_train_step_one_and_eight_devices_agree():
     # step divides by |g| and turns float-rounding differences of near-zero gradient entries
     # into O(learning rate) differences, which says nothing about sharding.
     tx = optax.sgd(1.0)
-    state = {"trainable": trainable, "opt_state": jax.jit(tx.init)(trainable),
-             "step": jnp.zeros([], jnp.int32)}
+    state = train_step_lib.TrainState(trainable, jax.jit(tx.init)(trainable),
+                                      jnp.zeros([], jnp.int32))
     adv = jnp.asarray(np.linspace(-1, 1, out.log_probs.size).reshape(out.log_probs.shape))
-    batch = {"latents": out.latents, "next_latents": out.next_latents,
-             "log_probs": out.log_probs, "steps": out.steps, "advantages": adv,
-             "keep": jnp.ones_like(adv), "cond": cond, "neg_cond": neg_cond}
+    batch = train_step_lib.Minibatch(
+        train_step_lib.Transitions.from_rollout(out, adv, jnp.ones_like(adv)), cond, neg_cond)
     step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
-    new_state, metrics = step(state, batch, jax.random.key(1), frozen)
-    results.append((jax.tree.map(np.asarray, new_state["trainable"]),
+    new_state, metrics = step(state, batch, frozen)
+    results.append((jax.tree.map(np.asarray, new_state.trainable),
                     {k: np.asarray(v) for k, v in metrics.items()}))
     context.__exit__(None, None, None)
   (p1, m1), (p8, m8) = results
@@ -217,21 +216,20 @@ def test_ema_follows_the_trained_weights_every_k_steps():
                                                  generator.latent_shape))
   out, cond, neg_cond, _ = sample(trainable, frozen, tokens, tokens, jax.random.key(0))
   adv = jnp.asarray(np.linspace(-1, 1, out.log_probs.size).reshape(out.log_probs.shape))
-  batch = {"latents": out.latents, "next_latents": out.next_latents, "log_probs": out.log_probs,
-           "steps": out.steps, "advantages": adv, "keep": jnp.ones_like(adv), "cond": cond,
-           "neg_cond": neg_cond}
+  batch = train_step_lib.Minibatch(
+      train_step_lib.Transitions.from_rollout(out, adv, jnp.ones_like(adv)), cond, neg_cond)
   tx = optax.sgd(1.0)
   ema0 = jax.tree.map(lambda a: a + 1.0, trainable)  # distinct from the weights
-  state = {"trainable": trainable, "opt_state": tx.init(trainable),
-           "step": jnp.zeros([], jnp.int32), "ema": ema0}
+  state = train_step_lib.TrainState(trainable, tx.init(trainable), jnp.zeros([], jnp.int32),
+                                    ema=ema0)
   step = jax.jit(train_step_lib.make_train_step(policy, tx, spec, sampler, sigmas, config.train))
-  s1, _ = step(state, batch, jax.random.key(1), frozen)
-  s2, _ = step(s1, batch, jax.random.key(2), frozen)
+  s1, _ = step(state, batch, frozen)
+  s2, _ = step(s1, batch, frozen)
   # Step 1 is not a multiple of ema_every=2: unchanged; step 2: 0.9 ema + 0.1 weights.
-  for e0, e1 in zip(jax.tree.leaves(ema0), jax.tree.leaves(s1["ema"])):
+  for e0, e1 in zip(jax.tree.leaves(ema0), jax.tree.leaves(s1.ema)):
     np.testing.assert_array_equal(e1, e0)
-  for e0, w2, e2 in zip(jax.tree.leaves(ema0), jax.tree.leaves(s2["trainable"]),
-                        jax.tree.leaves(s2["ema"])):
+  for e0, w2, e2 in zip(jax.tree.leaves(ema0), jax.tree.leaves(s2.trainable),
+                        jax.tree.leaves(s2.ema)):
     np.testing.assert_allclose(e2, 0.9 * np.asarray(e0) + 0.1 * np.asarray(w2), rtol=1e-6,
                                atol=1e-7)
 
@@ -247,10 +245,14 @@ def test_full_finetuning_keeps_a_separate_reference():
   assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
 
 
-@needs_data
 def test_missing_checkpoint_step_is_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no checkpoint of iteration 7"):
-    trainer_lib.Trainer(tiny_config(), str(tmp_path), inference=True, step=7)
+  # Rendering a chosen checkpoint goes through load_pipeline (mgrpo-sample, mgrpo-eval --step).
+  from mgrpo_jax import checkpoint as ckpt_lib
+  from mgrpo_jax import pipeline as pipeline_lib
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(2, {"step": jnp.zeros([], jnp.int32)}, {}, force=True)
+  with pytest.raises(FileNotFoundError, match=r"no committed checkpoint 7 .*found steps \[2\]"):
+    pipeline_lib.load_pipeline(tiny_config(), lora=str(tmp_path), step=7)
 
 
 def test_text_cache_reproduces_the_uncached_run(tmp_path):
@@ -263,7 +265,7 @@ def test_text_cache_reproduces_the_uncached_run(tmp_path):
     trainer = trainer_lib.Trainer(config, str(tmp_path / f"cache{size}"))
     try:
       trainer.run()
-      runs[size] = (jax.tree.map(np.asarray, trainer.state["trainable"]), trainer.text_cache)
+      runs[size] = (jax.tree.map(np.asarray, trainer.state.trainable), trainer.text_cache)
     finally:
       trainer.close()
   (plain, _), (cached, cache) = runs[0], runs[16]

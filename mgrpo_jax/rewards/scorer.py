@@ -6,9 +6,10 @@
 
 Learned rewards (`rewards.device`: PickScore, CLIP score, aesthetic) run on the device mesh
 next to the policy; the rest (OCR, text colour, JPEG size, remote servers) in a host thread pool.
-The trainer uses the two halves separately so that host rewards overlap the next batch's
-sampling (`host.submit`, `device[name](images, prompts)`, then `device_scores`); evaluation and
-sampling scripts call `score`. Non-finite scores are errors naming the reward and prompt.
+The trainer calls `submit` on each sampled batch (device rewards queue behind the sampling, host
+rewards start in the pool, both overlapping the next batch's sampling) and later `result()`,
+rewards [p, L, K] in config order; evaluation and sampling scripts call `score`. Non-finite
+scores are errors naming the reward and prompt.
 """
 
 from __future__ import annotations
@@ -54,6 +55,31 @@ class RewardScorer:
       out[name] = value
     return out
 
+  def submit(self, images, local_images: np.ndarray, prompts: Sequence[str],
+             metadata: Sequence[Mapping[str, Any]]) -> "PendingScores":
+    """Starts scoring one sampled batch, wherever each reward runs, and returns at once.
+
+    Device rewards are queued on the device behind the batch's sampling; host rewards start
+    in the pool on this process's rows, so both overlap the next batch's sampling.
+
+    Args:
+      images: the batch's global device array uint8 [P, L, H, W, 3].
+      local_images: this process's rows of it on the host, uint8 [p, L, H, W, 3].
+      prompts, metadata: this process's p prompts and their metadata.
+
+    Returns:
+      A handle whose `result()` is float32 [p, L, K], rewards in config order (it raises
+      RewardError naming the reward and prompt for a failed or non-finite score).
+    """
+    L = local_images.shape[1]
+    flat_prompts = [p for p in prompts for _ in range(L)]
+    device = {name: r(images, list(prompts)) for name, r in self.device.items()}
+    host = None
+    if self.host is not None:
+      host = self.host.submit(local_images.reshape((-1,) + local_images.shape[2:]), flat_prompts,
+                              [dict(m) for m in metadata for _ in range(L)])
+    return PendingScores(self, host, device, flat_prompts, L)
+
   def score(self, images: np.ndarray, prompts: Sequence[str],
             metadata: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     """Every reward of host images uint8 [N, H, W, 3]: {name: float32 [N]} in config order.
@@ -76,3 +102,18 @@ class RewardScorer:
   def close(self) -> None:
     if self.host is not None:
       self.host.close()
+
+
+class PendingScores:
+  """The rewards of one batch being computed (`RewardScorer.submit`)."""
+
+  def __init__(self, scorer: RewardScorer, host, device, flat_prompts, leaves: int):
+    self._scorer, self._host, self._device = scorer, host, device
+    self._flat_prompts, self._leaves = flat_prompts, leaves
+
+  def result(self) -> np.ndarray:
+    """Waits for every reward: float32 [p, L, K] in config order."""
+    scores = self._host.result() if self._host is not None else {}
+    scores.update(self._scorer.device_scores(self._device, self._flat_prompts))
+    per_reward = np.stack([np.asarray(scores[n], np.float32) for n in self._scorer.names], -1)
+    return per_reward.reshape(-1, self._leaves, len(self._scorer.names))

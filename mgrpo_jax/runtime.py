@@ -1,0 +1,195 @@
+"""The device side of a job, built once from its config: `build_runtime(config, mesh, purpose)`.
+
+Training, mgrpo-sample / mgrpo-eval (through `pipeline.load_pipeline`) and the benches build the
+generator, the policy's weights and the jitted functions here, so they sample with the same
+code:
+  purpose "sample": generator, Policy, weights (trainable / frozen), sampler, sigmas and the
+      jitted ODE sampler of any (steps, guidance) (`ode_sample_fn`). No optimizer state and, when
+      the config's KL weight is 0, no reference copy of the weights.
+  purpose "train": also the rollout tree, the advantage settings, the optimizer, the initial
+      `TrainState` (`init_state`) and the jitted functions of one iteration for a rollout shape
+      (`iteration_fns(spec)`: sample, advantages, train step; cached per shape, so a moving SDE
+      window compiles each of its positions once), the minibatch split and the text encoder.
+Every function is jitted with the state's shardings and traced inside the mesh, so the models'
+activation sharding hints apply. Nothing here reads prompts, rewards or the workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from mgrpo_jax import advantages as adv_lib
+from mgrpo_jax import export
+from mgrpo_jax import policy as policy_lib
+from mgrpo_jax import sharding as sharding_lib
+from mgrpo_jax import train_step as train_step_lib
+from mgrpo_jax.models import registry
+from mgrpo_jax.sampling import rollout as rollout_lib
+from mgrpo_jax.sampling import schedule
+from mgrpo_jax.sampling.tree import TreeSpec, tree_spec_from_config
+
+PURPOSES = ("train", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class IterationFns:
+  """The jitted functions of one rollout shape (see train_step.py for their signatures).
+
+  Attributes:
+    spec: the rollout tree they are built for.
+    sample: (trainable, frozen, tokens, neg_tokens, key, *fold) -> (Rollout, cond, neg_cond,
+      images uint8 [P, L, H, W, 3]).
+    sample_from_cond: the same from cached conditionings (cond, neg_cond instead of tokens).
+    advantage: (rewards [P, B, L, K], prompt_index [P, B], stats) -> (Advantages, stats, summary).
+    train_step: (TrainState without prompt_stats, Minibatch, frozen) -> (TrainState, metrics);
+      donates its state.
+  """
+
+  spec: TreeSpec
+  sample: Callable
+  sample_from_cond: Callable
+  advantage: Callable
+  train_step: Callable
+
+
+class Runtime:
+  """See the module docstring; build with `build_runtime`."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, purpose: str):
+    if purpose not in PURPOSES:
+      raise ValueError(f"runtime purpose must be one of {PURPOSES}, got {purpose!r}")
+    self.config, self.mesh, self.purpose = config, mesh, purpose
+    self.generator = registry.get_generator(config.model)
+    self.sampler = rollout_lib.sampler_from_config(config)
+    graphdef, trainable, self.frozen = policy_lib.build_model_states(self.generator, config, mesh)
+    self.policy = policy_lib.Policy(graphdef, bool(config.lora.enabled))
+    self.on_mesh = functools.partial(sharding_lib.with_mesh, mesh=mesh)
+    self._ode_fns, self._iteration_fns = {}, {}
+    if purpose == "sample":
+      self.trainable = trainable
+      return
+    self.spec = tree_spec_from_config(config)
+    self.adv_cfg = adv_lib.AdvantageConfig.from_config(config)
+    self.adv_cfg.check_tree(self.spec)
+    self.sigmas = schedule.generator_sigmas(self.generator, config, config.sample.num_steps)
+    self.trainable = export.init_from_config(trainable, config)  # lora.init_from, if set
+    self.tx = policy_lib.make_optimizer(config)
+    self.minibatch_fn = self.on_mesh(jax.jit(train_step_lib.make_minibatch_fn(
+        config.train.num_minibatches)))
+    self.encode_fn = self.on_mesh(jax.jit(train_step_lib.make_encode_fn(self.policy)))
+    self.state_shardings = None  # set by init_state
+
+  def init_state(self, num_prompts: int) -> train_step_lib.TrainState:
+    """The initial TrainState, every array in its sharding (`num_prompts`: rows of the
+    per-prompt reward history, used with advantage.per_prompt_history)."""
+    config, replicated = self.config, sharding_lib.replicated(self.mesh)
+    ema = prompt_stats = None
+    if config.train.ema_decay > 0:
+      ema = jax.tree.map(jnp.copy, self.trainable)
+    if config.advantage.per_prompt_history:
+      k = 1 if self.adv_cfg.mode == "reward_mixing" else len(self.adv_cfg.weights)
+      prompt_stats = jax.device_put(adv_lib.init_prompt_stats(num_prompts, k), replicated)
+    state = train_step_lib.TrainState(
+        trainable=self.trainable,
+        opt_state=policy_lib.init_opt_state(self.tx, self.trainable, self.mesh),
+        step=jax.device_put(jnp.zeros([], jnp.int32), replicated), ema=ema,
+        prompt_stats=prompt_stats)
+    self.state_shardings = jax.tree.map(lambda a: a.sharding, state)
+    return state
+
+  def iteration_fns(self, spec: TreeSpec | None = None) -> IterationFns:
+    """The jitted sample / advantage / train-step functions of rollout shape `spec` (default
+    the config's), built once per shape."""
+    spec = self.spec if spec is None else spec
+    if spec in self._iteration_fns:
+      return self._iteration_fns[spec]
+    if self.state_shardings is None:
+      raise RuntimeError("Runtime.iteration_fns: call init_state first (the train step is "
+                         "jitted with the state's shardings)")
+    args = (self.policy, spec, self.sampler, self.sigmas, self.generator.latent_shape)
+    train_step = train_step_lib.make_train_step(self.policy, self.tx, spec, self.sampler,
+                                                self.sigmas, self.config.train)
+    out_state = self.state_shardings.replace(prompt_stats=None)
+    fns = IterationFns(
+        spec=spec,
+        sample=self.on_mesh(jax.jit(train_step_lib.make_sample_fn(*args))),
+        sample_from_cond=self.on_mesh(jax.jit(train_step_lib.make_sample_from_cond_fn(*args))),
+        advantage=self.on_mesh(jax.jit(train_step_lib.make_advantage_fn(spec, self.adv_cfg))),
+        train_step=self.on_mesh(jax.jit(train_step, donate_argnums=(0,),
+                                        out_shardings=(out_state, None))))
+    self._iteration_fns[spec] = fns
+    return fns
+
+  def window_spec(self, window: tuple[int, int]) -> TreeSpec:
+    """The config's rollout tree with its SDE steps moved to `window` (moving windows)."""
+    return tree_spec_from_config(self.config, window)
+
+  def ode_sample_fn(self, steps: int, guidance: float | None = None) -> Callable:
+    """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]: `steps`
+    deterministic ODE steps with CFG scale `guidance` (default the config's), one image per
+    prompt; built once per (steps, guidance)."""
+    guidance = self.sampler.guidance_scale if guidance is None else float(guidance)
+    if (steps, guidance) not in self._ode_fns:
+      sampler = dataclasses.replace(self.sampler, guidance_scale=guidance)
+      spec = TreeSpec(steps, 1, (), (), (False,) * steps)
+      sigmas = schedule.generator_sigmas(self.generator, self.config, steps)
+      sample = train_step_lib.make_sample_fn(self.policy, spec, sampler, sigmas,
+                                             self.generator.latent_shape)
+      self._ode_fns[steps, guidance] = self.on_mesh(jax.jit(
+          lambda *args: sample(*args)[3][:, 0]))
+    return self._ode_fns[steps, guidance]
+
+  def render(self, trainable, prompts, seed: int, steps: int | None = None,
+             guidance: float | None = None, negative_prompt: str | None = None) -> np.ndarray:
+    """ODE samples of `prompts` (the same list on every process): uint8 [n, H, W, 3].
+
+    Args:
+      trainable: the weights to sample with (the trained state or its EMA).
+      prompts: n prompts; steps, guidance, negative_prompt: override the config's.
+      seed: the noise seed.
+
+    `steps` defaults to sample.eval_num_steps, `guidance` to the config's CFG scale. The batch
+    is padded with the last prompt to a multiple of the data-parallel size (times the process
+    count); row i's noise depends only on (seed, i), so each image depends only on its prompt,
+    its row and the seed.
+    """
+    n = len(prompts)
+    if n == 0:
+      raise ValueError("render: no prompts given")
+    steps = int(self.config.sample.eval_num_steps if steps is None else steps)
+    if steps < 1:
+      raise ValueError(f"steps must be >= 1, got {steps}")
+    negative = (self.config.sample.negative_prompt if negative_prompt is None
+                else negative_prompt)
+    # A mesh over several processes renders each process's share; a local mesh (a notebook's
+    # pipeline on one host of many) renders everything itself.
+    spans = not sharding_lib.replicated(self.mesh).is_fully_addressable
+    processes, index = (jax.process_count(), jax.process_index()) if spans else (1, 0)
+    padded = list(prompts) + [prompts[-1]] * (
+        -n % (sharding_lib.batch_size_multiple(self.mesh) * processes))
+    rows = len(padded) // processes
+    local = padded[index * rows:(index + 1) * rows]
+    images = self.ode_sample_fn(steps, guidance)(
+        trainable, self.frozen, self.tokens(local), self.tokens([negative] * len(local)),
+        jax.random.key(seed))
+    if processes > 1:
+      images = multihost_utils.process_allgather(images, tiled=True)
+    return np.asarray(images)[:n]
+
+  def tokens(self, prompts) -> Any:
+    """Token pytree of this process's `prompts`, as a global batch sharded on the mesh."""
+    return sharding_lib.global_batch(self.generator.tokenize(list(prompts)), self.mesh)
+
+
+def build_runtime(config: ml_collections.ConfigDict, mesh, purpose: str = "train") -> Runtime:
+  """Builds the generator, weights and jitted functions of `config` on `mesh` (see the module
+  docstring for what each purpose holds)."""
+  return Runtime(config, mesh, purpose)
