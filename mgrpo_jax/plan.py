@@ -109,19 +109,18 @@ def _count(state) -> int:
 
 def _plan_rewards(config, plan: Plan, records) -> None:
   from mgrpo_jax import rewards as rewards_lib  # pylint: disable=g-import-not-at-top
-  from mgrpo_jax.rewards import device as device_rewards  # pylint: disable=g-import-not-at-top
   names, weights = tuple(config.reward.names), tuple(config.reward.weights)
   if len(names) != len(weights):
     plan.problem("reward.weights", f"{len(weights)} weights for the {len(names)} rewards {names}")
   if len(set(names)) != len(names):
     plan.problem("reward.names", f"a reward is listed twice: {names}")
-  known = set(rewards_lib.available_rewards()) | set(device_rewards.DEVICE_REWARDS)
+  known = set(rewards_lib.available_rewards())
   placement = []
   for name in names:
     if name not in known:
       plan.problem("reward.names", f"unknown reward {name!r}; known: {sorted(known)}")
       continue
-    if device_rewards.is_device_reward(name):
+    if rewards_lib.placement(name) == "device":
       placement.append(f"{name} (device)")
       needed = {"pickscore": ("pickscore_path",), "clipscore": ("clip_path",),
                 "aesthetic": ("clip_path", "aesthetic_path")}[name]

@@ -288,6 +288,17 @@ def test_registry():
     rewards_lib.register("ocr")(lambda: None)
 
 
+def test_every_reward_declares_where_it_runs():
+  expected = {"ocr": "host", "text_color": "host", "jpeg_compressibility": "host",
+              "blueness": "host", "remote": "remote", "pickscore": "device",
+              "clipscore": "device", "aesthetic": "device"}
+  assert {name: rewards_lib.placement(name) for name in expected} == expected
+  with pytest.raises(ValueError, match="'imagereward'"):
+    rewards_lib.placement("imagereward")
+  with pytest.raises(ValueError, match="placement must be one of .*'gpu'"):
+    rewards_lib.register("gpu_reward", placement="gpu")
+
+
 # ---- host pool -----------------------------------------------------------------------------------
 
 

@@ -17,13 +17,46 @@ import numpy as np
 from mgrpo_jax import registry_utils
 
 _REWARDS = registry_utils.Registry("reward", "unknown reward {name!r}; available: {known}")
-# Class or factory decorator: `@register("ocr")`; kwargs of `get_reward` go to it.
-register = _REWARDS.register
+# Where each registered reward runs: "host" (the host pool, per image or per batch), "remote"
+# (a batch call to a server, from a host thread) or "device" (a learned model jitted on the
+# policy's mesh, built with `factory(reward_config=..., mesh=...)`).
+PLACEMENTS = ("host", "remote", "device")
+_PLACEMENT: dict[str, str] = {}
+
+
+def register(name: str, placement: str = "host"):
+  """Class or factory decorator `@register("ocr")`; kwargs of `get_reward` go to it.
+
+  Args:
+    name: the name configs select it by (config.reward.names).
+    placement: where it runs, one of PLACEMENTS.
+  """
+  if placement not in PLACEMENTS:
+    raise ValueError(f"reward {name!r}: placement must be one of {PLACEMENTS}, got "
+                     f"{placement!r}")
+  add = _REWARDS.register(name)
+
+  def decorator(factory):
+    add(factory)
+    _PLACEMENT[name] = placement
+    return factory
+
+  return decorator
 
 
 def available_rewards() -> list[str]:
   """Sorted names of the registered rewards."""
   return _REWARDS.names()
+
+
+def placement(name: str) -> str:
+  """Where the reward registered as `name` runs (one of PLACEMENTS).
+
+  Raises:
+    ValueError: unknown name (the message lists the registered ones).
+  """
+  _REWARDS.get(name)
+  return _PLACEMENT[name]
 
 
 def get_reward(name: str, **kwargs):

@@ -32,10 +32,6 @@ DEVICE_REWARDS = ("pickscore", "clipscore", "aesthetic")
 AESTHETIC_LAYERS = ((0, 768, 1024), (2, 1024, 128), (4, 128, 64), (6, 64, 16), (7, 16, 1))
 
 
-def is_device_reward(name: str) -> bool:
-  return name in DEVICE_REWARDS
-
-
 class AestheticHead(nnx.Module):
   """The LAION predictor's MLP: five Linear layers (dropout between them, no activations)."""
 

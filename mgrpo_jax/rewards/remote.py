@@ -98,9 +98,10 @@ class RemoteReward:
     return np.asarray(scores, np.float32)
 
 
-register("remote")(RemoteReward)
+register("remote", placement="remote")(RemoteReward)
 
 
 def register_remote(name: str, url: str, **kwargs) -> None:
   """Registers a remote reward under its own name, so it can sit beside others in a config."""
-  register(name)(lambda **overrides: RemoteReward(url=url, **{**kwargs, **overrides}))
+  register(name, placement="remote")(
+      lambda **overrides: RemoteReward(url=url, **{**kwargs, **overrides}))

@@ -4,8 +4,10 @@
   scores = scorer.score(images, prompts, metadata)   # {name: float32 [N]} in config order
   scorer.close()
 
-Learned rewards (`rewards.device`: PickScore, CLIP score, aesthetic) run on the device mesh
-next to the policy; the rest (OCR, text colour, JPEG size, remote servers) in a host thread pool.
+Each reward's registry entry declares where it runs (`rewards.register(name, placement)`):
+learned rewards (placement "device": PickScore, CLIP score, aesthetic, rewards/device.py) run
+on the device mesh next to the policy; the rest (OCR, text colour, JPEG size: "host"; reward
+servers: "remote") in the host pool.
 The trainer calls `submit` on each sampled batch (device rewards queue behind the sampling, host
 rewards start in the pool, both overlapping the next batch's sampling) and later `result()`,
 rewards [p, L, K] in config order; evaluation and sampling scripts call `score`. Non-finite
@@ -19,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mgrpo_jax import sharding as sharding_lib
-from mgrpo_jax.rewards import device as device_lib
+from mgrpo_jax.rewards import base as base_lib
 from mgrpo_jax.rewards.host import HostRewards, RewardError
 
 
@@ -35,8 +37,9 @@ class RewardScorer:
   def __init__(self, reward_config, mesh, names: Sequence[str] | None = None):
     self.names = tuple(reward_config.names if names is None else names)
     self.mesh = mesh
-    self.device = {name: device_lib.DeviceReward(name, reward_config, mesh)
-                   for name in self.names if device_lib.is_device_reward(name)}
+    # Each reward's registry entry says where it runs (rewards/base.py `placement`).
+    self.device = {name: base_lib.get_reward(name, reward_config=reward_config, mesh=mesh)
+                   for name in self.names if base_lib.placement(name) == "device"}
     host = {name: {} for name in self.names if name not in self.device}
     self.host = (HostRewards(host, max_workers=reward_config.num_workers,
                              pool=reward_config.get("pool", "thread")) if host else None)
