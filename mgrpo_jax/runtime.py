@@ -8,8 +8,9 @@ code:
       the config's KL weight is 0, no reference copy of the weights.
   purpose "train": also the rollout tree, the advantage settings, the optimizer, the initial
       `TrainState` (`init_state`) and the jitted functions of one iteration for a rollout shape
-      (`iteration_fns(spec)`: sample, advantages, train step; cached per shape, so a moving SDE
-      window compiles each of its positions once), the minibatch split and the text encoder.
+      (`iteration_fns(spec)`, `fns_for_iteration(i)`: sample, advantages, train step; cached
+      per shape, so a moving SDE window compiles each of its positions once), the minibatch
+      split and the text encoder. Batch-size and rollout-shape errors are raised here.
 Every function is jitted with the state's shardings and traced inside the mesh, so the models'
 activation sharding hints apply. Nothing here reads prompts, rewards or the workdir.
 """
@@ -67,6 +68,14 @@ class Runtime:
     if purpose not in PURPOSES:
       raise ValueError(f"runtime purpose must be one of {PURPOSES}, got {purpose!r}")
     self.config, self.mesh, self.purpose = config, mesh, purpose
+    if purpose == "train":  # before any weights are made
+      P, multiple = config.data.prompts_per_batch, sharding_lib.batch_size_multiple(mesh)
+      if P % multiple:
+        raise ValueError(f"data.prompts_per_batch={P} must be divisible by the data x fsdp "
+                         f"mesh size {multiple} (each prompt's tree stays on one shard)")
+      if P % jax.process_count():
+        raise ValueError(f"data.prompts_per_batch={P} must be divisible by the process count "
+                         f"{jax.process_count()}")
     self.generator = registry.get_generator(config.model)
     self.sampler = rollout_lib.sampler_from_config(config)
     graphdef, trainable, self.frozen = policy_lib.build_model_states(self.generator, config, mesh)
@@ -76,6 +85,20 @@ class Runtime:
     if purpose == "sample":
       self.trainable = trainable
       return
+    if config.sample.sde_window_mode not in schedule.WINDOW_MODES:
+      raise ValueError(f"sample.sde_window_mode must be one of {schedule.WINDOW_MODES}, got "
+                       f"{config.sample.sde_window_mode!r}")
+    # A moving SDE window builds every position's rollout shape now, so a branch step outside
+    # some position is an error before anything runs.
+    if config.sample.sde_window_mode != "fixed":
+      cfg = config.sample
+      for window in schedule.window_positions(size=cfg.sde_window_size,
+                                              window_range=tuple(cfg.sde_window_range),
+                                              num_steps=cfg.num_steps):
+        try:
+          tree_spec_from_config(config, window)
+        except ValueError as e:
+          raise ValueError(f"moving SDE window position {window}: {e}") from e
     self.spec = tree_spec_from_config(config)
     self.adv_cfg = adv_lib.AdvantageConfig.from_config(config)
     self.adv_cfg.check_tree(self.spec)
@@ -128,9 +151,17 @@ class Runtime:
     self._iteration_fns[spec] = fns
     return fns
 
-  def window_spec(self, window: tuple[int, int]) -> TreeSpec:
-    """The config's rollout tree with its SDE steps moved to `window` (moving windows)."""
-    return tree_spec_from_config(self.config, window)
+  def fns_for_iteration(self, iteration: int) -> IterationFns:
+    """The jitted functions of an iteration's rollout shape: the config's, or with a moving SDE
+    window (sample.sde_window_mode) the shape of that iteration's window."""
+    cfg = self.config.sample
+    if cfg.sde_window_mode == "fixed":
+      return self.iteration_fns()
+    window = schedule.moving_window(
+        iteration, mode=cfg.sde_window_mode, size=cfg.sde_window_size,
+        window_range=tuple(cfg.sde_window_range), num_steps=cfg.num_steps, seed=self.config.seed,
+        every=cfg.sde_window_every)
+    return self.iteration_fns(tree_spec_from_config(self.config, window))
 
   def ode_sample_fn(self, steps: int, guidance: float | None = None) -> Callable:
     """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]: `steps`

@@ -28,7 +28,6 @@ from mgrpo_jax import workdir as workdir_lib
 from mgrpo_jax.data import loader as loader_lib
 from mgrpo_jax.data import prompts as prompts_lib
 from mgrpo_jax.rewards import scorer as scorer_lib
-from mgrpo_jax.sampling import schedule
 from mgrpo_jax.text_cache import ConditioningCache
 
 # Exit status of a run stopped by SIGTERM after writing its checkpoint (sysexits' EX_TEMPFAIL:
@@ -69,17 +68,6 @@ class Trainer:
     self.is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     self.mesh = sharding_lib.make_mesh(config.mesh)
-    P = config.data.prompts_per_batch
-    multiple = sharding_lib.batch_size_multiple(self.mesh)
-    if P % multiple:
-      raise ValueError(f"data.prompts_per_batch={P} must be divisible by the data x fsdp mesh "
-                       f"size {multiple} (each prompt's tree stays on one shard)")
-    if P % jax.process_count():
-      raise ValueError(f"data.prompts_per_batch={P} must be divisible by the process count "
-                       f"{jax.process_count()}")
-    if config.sample.sde_window_mode not in schedule.WINDOW_MODES:
-      raise ValueError(f"sample.sde_window_mode must be one of {schedule.WINDOW_MODES}, got "
-                       f"{config.sample.sde_window_mode!r}")
     # Data: every process reads its own share of each global batch.
     records, _ = prompts_lib.load_dataset(config.data.dataset, config.data.split,
                                           config.reward.names, config.data.tfds_data_dir)
@@ -88,22 +76,14 @@ class Trainer:
       self.eval_records, _ = prompts_lib.load_dataset(
           config.log.eval_dataset, config.log.eval_split or config.data.split,
           config.reward.names, config.data.tfds_data_dir)
+    self.runtime = runtime_lib.build_runtime(config, self.mesh, "train")
     self.loader = loader_lib.PromptLoader(
-        records, batch_size=P // jax.process_count(), seed=config.seed,
+        records, config.data.prompts_per_batch // jax.process_count(), seed=config.seed,
         shuffle=config.data.shuffle, shard_index=jax.process_index(),
         shard_count=jax.process_count())
-
-    self.runtime = runtime_lib.build_runtime(config, self.mesh, "train")
     self.state = self.runtime.init_state(len(records))
     self.base_key = jax.device_put(jax.random.key(config.seed),
                                    sharding_lib.replicated(self.mesh))
-    # A moving SDE window (sample.sde_window_mode) builds every position's rollout shape now,
-    # so a branch step outside some position is an error before anything runs.
-    for window in self._window_positions():
-      try:
-        self.runtime.window_spec(window)
-      except ValueError as e:
-        raise ValueError(f"moving SDE window position {window}: {e}") from e
     self.text_cache = (None if config.sample.text_cache_size <= 0 else ConditioningCache(
         self.runtime, self.state.trainable, config.sample.text_cache_size))
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)
@@ -153,28 +133,9 @@ class Trainer:
                            metadata=workdir_lib.checkpoint_metadata(self.config), force=force)
 
   # -- one iteration -------------------------------------------------------------------------------
-  def _window_positions(self) -> list[tuple[int, int]]:
-    cfg = self.config.sample
-    if cfg.sde_window_mode == "fixed":
-      return []
-    return schedule.window_positions(size=cfg.sde_window_size,
-                                     window_range=tuple(cfg.sde_window_range),
-                                     num_steps=cfg.num_steps)
-
-  def iteration_fns(self, iteration: int) -> runtime_lib.IterationFns:
-    """The jitted functions of this iteration's rollout shape (its SDE window's)."""
-    cfg = self.config.sample
-    if cfg.sde_window_mode == "fixed":
-      return self.runtime.iteration_fns()
-    window = schedule.moving_window(
-        iteration, mode=cfg.sde_window_mode, size=cfg.sde_window_size,
-        window_range=tuple(cfg.sde_window_range), num_steps=cfg.num_steps, seed=self.config.seed,
-        every=cfg.sde_window_every)
-    return self.runtime.iteration_fns(self.runtime.window_spec(window))
-
   def sample_and_score(self, iteration: int, timer) -> list[SampledBatch]:
     """Samples every batch of the iteration; rewards of batch b run while b + 1 samples."""
-    cfg, runtime, fns = self.config, self.runtime, self.iteration_fns(iteration)
+    cfg, runtime, fns = self.config, self.runtime, self.runtime.fns_for_iteration(iteration)
     batches, pending = [], []
     for b in range(cfg.sample.batches_per_iteration):
       data = next(self.loader)
@@ -201,7 +162,7 @@ class Trainer:
 
   def train_iteration(self, iteration: int, timer) -> dict[str, float]:
     cfg = self.config
-    fns = self.iteration_fns(iteration)
+    fns = self.runtime.fns_for_iteration(iteration)
     batches = self.sample_and_score(iteration, timer)
     with timer("advantages"):
       adv, summary = self.iteration_advantages(fns, batches)
