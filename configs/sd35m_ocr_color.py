@@ -104,6 +104,9 @@ def get_config(arg=None):
   config.log.checkpoint_every = 20
   config.log.keep_checkpoints = 3
   config.log.num_eval_prompts = 16
+  # [FG] evaluates on the benchmark's test split, never on training prompts.
+  config.log.eval_dataset = "ocr_color_10"
+  config.log.eval_split = "test"
   return apply_variants(config, arg, VARIANTS, "sd35m_ocr_color")
 
 

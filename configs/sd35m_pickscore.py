@@ -22,6 +22,7 @@ def get_config(arg=None):
   # [FG] PickScore-25k train split (one prompt per line).
   config.data.dataset = "pickscore_25k"
   config.data.split = "train"
+  config.log.eval_dataset = "pickscore_25k"  # its test split (set by sd35m_ocr_color)
   config.reward.names = ("pickscore",)
   config.reward.weights = (1.0,)
   # [FG] KL beta 0.01 for PickScore.
