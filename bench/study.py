@@ -31,6 +31,9 @@ Testbeds:
      text_color). After training, the 40 held-out prompts are rendered and scored with
      `mgrpo_jax.evaluate` (OCR accuracy, colour accuracy, "both"); the initial model is
      evaluated once the same way.
+  4  Ablations of Multi-GRPO on testbed 1's setup: a late-branching tree (x2 at the last two
+     steps of the SDE window, same 4 leaves) and Flow-GRPO's global std instead of the
+     per-group std; testbed 1's multi_grpo runs are the reference row.
 
 Outputs (resumable: a run whose JSON exists is skipped and its result kept):
   <out>/<testbed>/<method>/seed<k>.json   one run: settings, NFE, curves, gains, wall time
@@ -77,10 +80,23 @@ METHODS = {
     "reward_groups_only": ("flat", "reward_groups"),
     "multi_grpo": ("tree", "reward_groups"),
 }
-TESTBEDS = (1, 2, 3)
+TESTBEDS = (1, 2, 3, 4)
 TESTBED_TITLES = {1: "Testbed 1: mismatched scales (JPEG kB vs blueness)",
                   2: "Testbed 2: credit assignment of early transitions",
-                  3: "Testbed 3: OCR-Color on the pretrained tiny text renderer"}
+                  3: "Testbed 3: OCR-Color on the pretrained tiny text renderer",
+                  4: "Ablations of Multi-GRPO on testbed 1: tree shape and temporal-group std"}
+# Testbed 4: Multi-GRPO on testbed 1's setup with one change each. Testbed 1's multi_grpo runs
+# (early x2@1 x2@3, per-group std) are the reference row.
+ABLATIONS = {
+    # The same 4 leaves, branching at the last two steps of the SDE window (x2 at stop - 2,
+    # x2 at stop - 1; steps 3 and 4 of the full study's window (0, 5)): the steps before them
+    # belong to a single root, whose level has no group to normalise against.
+    "late_tree": lambda config: setattr(config.tree, "branch_steps", (
+        config.sample.sde_window[1] - 2, config.sample.sde_window[1] - 1)),
+    # Flow-GRPO's global std (per level over the batch) instead of the paper's per-group std.
+    "global_std": lambda config: setattr(config.advantage, "std", "global"),
+}
+ABLATION_REFERENCE = "multi_grpo (testbed 1: early tree, group std)"
 SCALE_REWARDS = ("jpeg_incompressibility", "blueness")
 
 # Run lengths of the full study. One sampling batch (4 prompts) per iteration keeps the 27
@@ -122,7 +138,14 @@ def _shrink(config) -> None:
 
 
 def testbed_config(testbed: int, method: str, seed: int, quick: bool):
-  """The ConfigDict of one run (testbeds 1 and 2 share testbed 1's setup)."""
+  """The ConfigDict of one run (testbeds 1, 2 and 4 share testbed 1's setup; testbed 4's
+  `method` is an ablation of multi_grpo, see ABLATIONS)."""
+  if testbed == 4:
+    if method not in ABLATIONS:
+      raise ValueError(f"unknown ablation {method!r}; expected one of {tuple(ABLATIONS)}")
+    config = testbed_config(1, "multi_grpo", seed, quick)
+    ABLATIONS[method](config)
+    return config
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; expected one of {tuple(METHODS)}")
   sizes = QUICK if quick else FULL
@@ -379,11 +402,14 @@ def _load(path: str):
 
 
 def _runs(out: str, testbed: int, seeds) -> dict[str, list[dict[str, Any]]]:
-  runs = {}
-  for method in METHODS:
-    paths = [os.path.join(out, str(testbed), method, f"seed{s}.json") for s in seeds]
-    runs[method] = [_load(p) for p in paths if os.path.exists(p)]
-  return runs
+  """label -> the finished runs' records (testbed 4: the reference from testbed 1, then the
+  ablations)."""
+  load = lambda t, method: [_load(p) for p in (os.path.join(out, str(t), method, f"seed{s}.json")
+                                               for s in seeds) if os.path.exists(p)]
+  if testbed == 4:
+    return {ABLATION_REFERENCE: load(1, "multi_grpo"),
+            **{name: load(4, name) for name in ABLATIONS}}
+  return {method: load(testbed, method) for method in METHODS}
 
 
 def _training_table(runs, reward_names, heldout: bool) -> list[str]:
@@ -459,7 +485,7 @@ def report(out: str, testbeds, seeds) -> str:
                                     + [_mean_std([i[k] for i in inits]) for k in
                                        ("std_ratio", "correlation",
                                         "correlation_within_prompt")]) + " |", ""]
-    if testbed in (1, 3):
+    if testbed in (1, 3, 4):
       runs = _runs(out, testbed, seeds)
       names = next((rs[0]["reward_names"] for rs in runs.values() if rs), None)
       if names is None:
@@ -517,7 +543,10 @@ def main(argv=None) -> int:
                       choices=TESTBEDS)
   parser.add_argument("--seeds", type=int, nargs="+", default=None,
                       help="default 0 1 2 (0 with --quick)")
-  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+  parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                      help="methods of testbeds 1 and 3")
+  parser.add_argument("--report-only", action="store_true",
+                      help="rewrite study.md and the plots from the finished runs; run nothing")
   parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "study"))
   parser.add_argument("--workdir-root", default=os.path.join(tempfile.gettempdir(),
                                                              "mgrpo_study"),
@@ -537,6 +566,10 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.report_only:
+    print(report(args.out, [t for t in TESTBEDS if os.path.isdir(os.path.join(args.out, str(t)))],
+                 seeds))
+    return 0
   group, tree_nfe, flat_nfe = flat_group_size(testbed_config(1, "multi_grpo", 0, args.quick))
   print(f"NFE per prompt: tree {tree_nfe}, flat {group} trajectories x "
         f"{flat_nfe // group} steps = {flat_nfe}", flush=True)
@@ -554,8 +587,8 @@ def main(argv=None) -> int:
         _run_once(os.path.join(args.out, "2", "credit", f"seed{seed}.json"),
                   lambda: run_credit(seed, args.quick, work(2, "credit", seed)),
                   f"testbed 2 credit assignment, seed {seed}")
-      if testbed in (1, 3):
-        for method in args.methods:
+      if testbed in (1, 3, 4):
+        for method in (args.methods if testbed != 4 else list(ABLATIONS)):
           workdir = work(testbed, method, seed)
           if _run_once(os.path.join(args.out, str(testbed), method, f"seed{seed}.json"),
                        lambda: run_training(testbed, method, seed, args.quick, workdir),

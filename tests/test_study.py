@@ -42,6 +42,21 @@ def test_flat_methods_match_the_tree_nfe():
     study.testbed_config(1, "grpo", 0, quick=False)
 
 
+def test_ablation_configs():
+  study = _study()
+  from mgrpo_jax.sampling import tree as tree_lib
+  late = study.testbed_config(4, "late_tree", 2, quick=False)
+  # SDE window (0, 5): x2 at step 3, x2 at step 4. Steps 0-3 on the root (4), step 4 on the 2
+  # copies (2), steps 5-9 on 4 leaves (20).
+  assert tuple(late.tree.branch_steps) == (3, 4) and late.seed == 2
+  assert tree_lib.tree_spec_from_config(late).nfe == 4 + 2 + 20
+  assert (late.tree.mode, late.advantage.mode) == ("tree", "reward_groups")
+  glob = study.testbed_config(4, "global_std", 0, quick=False)
+  assert glob.advantage.std == "global" and tuple(glob.tree.branch_steps) == (1, 3)
+  with pytest.raises(ValueError, match="unknown ablation 'flat'"):
+    study.testbed_config(4, "flat", 0, quick=False)
+
+
 def test_credit_scores_by_hand():
   """One prompt, 4 early nodes with 4 leaves each. Leaves of node i: a_i + e_i, a_i - e_i, a_i,
   a_i: the tree methods see leaves 0 and 1 (mean a_i, the held-out mean exactly), the flat ones
@@ -116,6 +131,10 @@ def test_quick_study_outputs_and_resume(tmp_path):
       assert record["nfe_per_prompt"] == 10  # tree x2@1 x2@3 at 5 steps = 2 flat trajectories
       if testbed == 3:
         assert set(record["heldout"]) == {"ocr_accuracy", "color_accuracy", "both"}
+  for name in study.ABLATIONS:
+    record = json.loads((out / "4" / name / "seed0.json").read_text())
+    assert record["method"] == name and record["reward_names"] == list(study.SCALE_REWARDS)
+  assert json.loads((out / "4" / "late_tree" / "seed0.json").read_text())["nfe_per_prompt"] == 9
   init = json.loads((out / "1" / "init" / "seed0.json").read_text())
   assert set(init["std"]) == set(study.SCALE_REWARDS) and "correlation" in init
   credit = json.loads((out / "2" / "credit" / "seed0.json").read_text())
@@ -125,13 +144,15 @@ def test_quick_study_outputs_and_resume(tmp_path):
                         "adv_var"}
   assert set(json.loads((out / "3" / "init.json").read_text())) == {
       "ocr_accuracy", "color_accuracy", "both"}
-  for testbed in (1, 3):
+  for testbed in (1, 3, 4):
     assert (out / f"testbed{testbed}_curves.png").stat().st_size > 0
   report = (out / "study.md").read_text()
   for title in study.TESTBED_TITLES.values():
     assert f"## {title}" in report
   for method in methods:  # one row per method in each of the three tables
     assert report.count(f"| {method} |") == 3, method
+  for label in (study.ABLATION_REFERENCE, *study.ABLATIONS):  # the ablation table
+    assert report.count(f"| {label} |") == 1, label
 
   # Second invocation: every run is skipped, nothing retrains, the report is the same.
   start = time.perf_counter()
@@ -140,7 +161,8 @@ def test_quick_study_outputs_and_resume(tmp_path):
   elapsed = time.perf_counter() - start
   assert second.returncode == 0, second.stderr[-4000:]
   assert "[done]" not in second.stdout
-  # 8 training runs, testbed 1's init statistics, testbed 2's credit run, testbed 3's init.
-  assert second.stdout.count("[skip]") == 2 * len(methods) + 3
+  # 8 training runs, 2 ablations, testbed 1's init statistics, testbed 2's credit run,
+  # testbed 3's init.
+  assert second.stdout.count("[skip]") == 2 * len(methods) + len(study.ABLATIONS) + 3
   assert (out / "study.md").read_text() == report
   assert elapsed < 60, f"resuming a finished study took {elapsed:.0f} s"
