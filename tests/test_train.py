@@ -245,6 +245,32 @@ def test_full_finetuning_keeps_a_separate_reference():
   assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
 
 
+@needs_data
+@pytest.mark.slow
+def test_checkpoint_written_with_the_old_rng_entry_still_restores(tmp_path):
+  # Checkpoints written before the state became a TrainState also held a constant "rng" (the
+  # key data of key(seed)); the trainer restores them and drops it.
+  from mgrpo_jax import checkpoint as ckpt_lib
+  from mgrpo_jax import workdir as workdir_lib
+  config = tiny_config()
+  trainer = trainer_lib.Trainer(config, str(tmp_path))
+  try:
+    expected = jax.tree.map(lambda a: np.asarray(a) + 0.25, trainer.state.trainable)
+    old = trainer.state.to_checkpoint()
+    old["trainable"] = jax.tree.map(lambda a, e: jax.device_put(e, a.sharding),
+                                    old["trainable"], expected)
+    old["rng"] = jax.random.key_data(jax.random.key(config.seed))
+    with ckpt_lib.Checkpointer(str(tmp_path / "old")) as ckpt:
+      ckpt.save(3, old, trainer.loader.get_state(),
+                metadata=workdir_lib.checkpoint_metadata(config), force=True)
+  finally:
+    trainer.close()
+  params, start = final_params(str(tmp_path / "old"), config)
+  assert start == 3
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_missing_checkpoint_step_is_named(tmp_path):
   # Rendering a chosen checkpoint goes through load_pipeline (mgrpo-sample, mgrpo-eval --step).
   from mgrpo_jax import checkpoint as ckpt_lib
