@@ -467,9 +467,10 @@ def plot_curves(runs, keys, out_png: str, title: str) -> str:
 
 def report(out: str, testbeds, seeds) -> str:
   """Writes <out>/study.md and the curve PNGs from the run JSONs present; returns the text."""
+  shown = os.path.relpath(out, ROOT) if os.path.abspath(out).startswith(ROOT + os.sep) else out
   lines = ["# Issue 13 study at toy scale", "",
            f"`python bench/study.py --testbeds {' '.join(map(str, testbeds))} --seeds "
-           f"{' '.join(map(str, seeds))} --out {out}`; mean ± std (ddof 1) over seeds.", ""]
+           f"{' '.join(map(str, seeds))} --out {shown}`; mean ± std (ddof 1) over seeds.", ""]
   for testbed in testbeds:
     lines += [f"## {TESTBED_TITLES[testbed]}", ""]
     if testbed == 1:
