@@ -41,16 +41,15 @@ def main(argv):
   trainer = trainer_lib.Trainer(config(), workdir)
   try:
     batches = trainer.sample_and_score(0, metrics_lib.Timer())
-    adv, _ = trainer.iteration_advantages(batches)
+    adv, _ = trainer.iteration_advantages(trainer.runtime.fns_for_iteration(0), batches)
     arrays = {}
     for b, batch in enumerate(batches):
-      data = trainer.training_data(batch, adv, b)
       gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
-      arrays[f"advantages_{b}"] = gather(data["advantages"])
-      arrays[f"log_probs_{b}"] = gather(data["log_probs"])
+      arrays[f"advantages_{b}"] = gather(adv.transitions[b])
+      arrays[f"log_probs_{b}"] = gather(batch.rollout.log_probs)
       # Each process's rewards of this batch, in the global row order of the rollout.
       arrays[f"rewards_{b}"] = np.asarray(multihost_utils.process_allgather(
-          batch["rewards"], tiled=True))
+          batch.rewards, tiled=True))
     if jax.process_index() == 0:
       np.savez(out, **arrays)
   finally:
