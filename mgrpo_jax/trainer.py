@@ -82,8 +82,9 @@ class Trainer:
         shuffle=config.data.shuffle, shard_index=jax.process_index(),
         shard_count=jax.process_count())
     self.state = self.runtime.init_state(len(records))
-    self.base_key = jax.device_put(jax.random.key(config.seed),
-                                   sharding_lib.replicated(self.mesh))
+    # Made by a jitted function: a typed key cannot be device_put onto a multi-process mesh.
+    self.base_key = jax.jit(lambda: jax.random.key(config.seed),
+                            out_shardings=sharding_lib.replicated(self.mesh))()
     self.text_cache = (None if config.sample.text_cache_size <= 0 else ConditioningCache(
         self.runtime, self.state.trainable, config.sample.text_cache_size))
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)
