@@ -11,8 +11,9 @@ code:
       (`iteration_fns(spec)`, `fns_for_iteration(i)`: sample, advantages, train step; cached
       per shape, so a moving SDE window compiles each of its positions once), the minibatch
       split and the text encoder. Batch-size and rollout-shape errors are raised here.
-Every function is jitted with the state's shardings and traced inside the mesh, so the models'
-activation sharding hints apply. Nothing here reads prompts, rewards or the workdir.
+Every function is traced inside the mesh, so the models' activation sharding hints apply; the
+train step also gets the state's output shardings and donates its input state. Nothing here
+reads prompts, rewards or the workdir.
 """
 
 from __future__ import annotations

@@ -49,6 +49,15 @@ def available_rewards() -> list[str]:
   return _REWARDS.names()
 
 
+def reward_factory(name: str):
+  """The class or function registered as `name` (what `get_reward` calls).
+
+  Raises:
+    ValueError: unknown name (the message lists the registered ones).
+  """
+  return _REWARDS.get(name)
+
+
 def placement(name: str) -> str:
   """Where the reward registered as `name` runs (one of PLACEMENTS).
 
@@ -65,7 +74,7 @@ def get_reward(name: str, **kwargs):
   Raises:
     ValueError: unknown name (the message lists the registered ones).
   """
-  return _REWARDS.get(name)(**kwargs)
+  return reward_factory(name)(**kwargs)
 
 
 def check_batch(images: np.ndarray, prompts: Sequence[str], metadata: Sequence[dict]) -> None:

@@ -142,8 +142,7 @@ def _worker_factories(rewards: Mapping[str, Any],
   for name, reward in rewards.items():
     if not getattr(reward, "per_image", False):
       continue
-    # `.get`: the registry maps names to factories (`get_reward` calls them).
-    factory = base_lib._REWARDS.get(name)  # pylint: disable=protected-access
+    factory = base_lib.reward_factory(name)
     kwargs = dict(spec[name])
     try:
       pickle.dumps((factory, kwargs))
