@@ -240,7 +240,7 @@ class Checkpointer:
     }))
 
   # -- restore -------------------------------------------------------------------------------------
-  def restore(self, step: int, abstract_state: PyTree
+  def restore(self, step: int, abstract_state: PyTree, retired: tuple[str, ...] = ()
               ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
     """Restores `step` with every array created directly in its target sharding.
 
@@ -249,6 +249,9 @@ class Checkpointer:
       abstract_state: pytree matching the saved state, with `jax.ShapeDtypeStruct` leaves
         carrying `.sharding` (jax.Array leaves work too: their shape/dtype/sharding are used).
         A leaf with a typed key dtype restores the saved key data rewrapped as that key type.
+      retired: top-level keys that older versions saved and the state no longer has (with
+        `abstract_state` a dict): where the checkpoint has them they are read, replicated,
+        and dropped, so old checkpoints still restore.
 
     Returns:
       (state, data_state, metadata): state has the structure of `abstract_state`.
@@ -262,6 +265,15 @@ class Checkpointer:
     self.wait()  # a step this process is still writing is not readable yet
     self._require_step(step)
     abstract = jax.tree_util.tree_map_with_path(self._as_abstract_data, abstract_state)
+    saved = self._manager.item_metadata(step)[_STATE].tree
+    dropped = [k for k in retired if k in saved and k not in abstract]
+    if dropped:
+      replicated = jax.tree.leaves(abstract)[0].sharding  # single-device, or its mesh's P()
+      if isinstance(replicated, NamedSharding):
+        replicated = NamedSharding(replicated.mesh, PartitionSpec())
+      abstract = dict(abstract, **{k: jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated), saved[k])
+          for k in dropped})
     self._check_against_saved(step, abstract)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -272,7 +284,10 @@ class Checkpointer:
     except ValueError as e:
       raise CheckpointMismatchError(
           f"restoring step {step} from {self.directory} failed: {e}") from e
-    state = jax.tree.map(_rewrap_key, abstract_state, restored[_STATE])
+    restored_state = restored[_STATE]
+    if dropped:
+      restored_state = {k: v for k, v in restored_state.items() if k not in dropped}
+    state = jax.tree.map(_rewrap_key, abstract_state, restored_state)
     return state, dict(restored[_DATA] or {}), dict(restored[_META] or {})
 
   @staticmethod

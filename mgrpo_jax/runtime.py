@@ -18,6 +18,7 @@ reads prompts, rewards or the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -164,6 +165,77 @@ class Runtime:
         every=cfg.sde_window_every)
     return self.iteration_fns(tree_spec_from_config(self.config, window))
 
+  def train_epochs(self, fns: IterationFns, state: train_step_lib.TrainState, batches, adv,
+                   key: jax.Array, iteration: int):
+    """The PPO epochs of one iteration: for every epoch and batch, the batch's transitions with
+    their advantages are shuffled (key folded with (iteration, FOLD_SHUFFLE, epoch * 1000 + b))
+    and split into train.num_minibatches minibatches, each one train step.
+
+    Args:
+      fns: the iteration's functions; state: TrainState without prompt_stats (donated).
+      batches: the iteration's SampledBatch list (rollout, cond, neg_cond).
+      adv: Advantages with transitions / keep [B, P, M] (`make_advantage_fn`).
+
+    Returns:
+      (the updated TrainState, the list of every step's metrics).
+    """
+    metrics = []
+    for epoch in range(self.config.train.inner_epochs):
+      for b, batch in enumerate(batches):
+        data = train_step_lib.Transitions.from_rollout(batch.rollout, adv.transitions[b],
+                                                       adv.keep[b])
+        mbs, normalizer = self.minibatch_fn(data, key, iteration, train_step_lib.FOLD_SHUFFLE,
+                                            epoch * 1000 + b)
+        for j in range(self.config.train.num_minibatches):
+          mb = train_step_lib.Minibatch(jax.tree.map(lambda a: a[j], mbs), batch.cond,
+                                        batch.neg_cond, normalizer[j])
+          state, step_metrics = fns.train_step(state, mb, self.frozen)
+          metrics.append(step_metrics)
+    jax.block_until_ready(state)
+    return state, metrics
+
+  def check_iteration(self, state: train_step_lib.TrainState, key: jax.Array,
+                      spec: TreeSpec | None = None) -> None:
+    """Traces one iteration of rollout shape `spec` (default the config's) on abstract values,
+    in the order the trainer calls its functions: sample (and, with the text cache, sampling
+    from cached conditionings), advantages, the minibatch split and the train step. Nothing is
+    computed or compiled (`jax.eval_shape`); a shape or dtype error in any function raises here,
+    before the first batch is sampled, as a ShapeCheckError naming the function and the shape.
+
+    Args:
+      state: the initial TrainState (init_state); key: the run's base key.
+    """
+    fns = self.iteration_fns(spec)
+    cfg = self.config
+    P, B, K = cfg.data.prompts_per_batch, cfg.sample.batches_per_iteration, len(cfg.reward.names)
+    prompts = [""] * (P // jax.process_count())
+    # The jitted functions themselves (not their set_mesh wrappers), traced inside the mesh.
+    shape_of = lambda fn, *args: jax.eval_shape(getattr(fn, "__wrapped__", fn), *args)
+    what = lambda stage: (f"{stage} (rollout: {fns.spec.num_steps} steps, "
+                          f"{fns.spec.num_roots} roots, branching at {fns.spec.branch_steps} x {fns.spec.branch_factors}, "
+                          f"{fns.spec.num_leaves} leaves; {P} prompts x {B} batches)")
+    with jax.set_mesh(self.mesh):
+      with _naming(what("sampling")):
+        rollout, cond, neg_cond, _ = shape_of(
+            fns.sample, state.trainable, self.frozen, self.tokens(prompts), self.tokens(prompts),
+            key, 0, 0, 0)
+      if cfg.sample.text_cache_size > 0:
+        with _naming(what("sampling from cached conditionings")):
+          shape_of(fns.sample_from_cond, state.trainable, self.frozen, cond, neg_cond, key,
+                   0, 0, 0)
+      with _naming(what("advantages")):
+        rewards = jax.ShapeDtypeStruct((P, B, fns.spec.num_leaves, K), jnp.float32)
+        adv, _, _ = shape_of(fns.advantage, rewards, jax.ShapeDtypeStruct((P, B), jnp.int32),
+                             state.prompt_stats)
+      with _naming(what("minibatch split")):
+        data = jax.eval_shape(lambda r, a: train_step_lib.Transitions.from_rollout(
+            r, a.transitions[0], a.keep[0]), rollout, adv)
+        mbs, normalizer = shape_of(self.minibatch_fn, data, key, 0, 0, 0)
+      with _naming(what("train step")):
+        batch = jax.eval_shape(lambda m, c, n, z: train_step_lib.Minibatch(
+            jax.tree.map(lambda a: a[0], m), c, n, z[0]), mbs, cond, neg_cond, normalizer)
+        shape_of(fns.train_step, state.replace(prompt_stats=None), batch, self.frozen)
+
   def ode_sample_fn(self, steps: int, guidance: float | None = None) -> Callable:
     """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]: `steps`
     deterministic ODE steps with CFG scale `guidance` (default the config's), one image per
@@ -219,6 +291,20 @@ class Runtime:
   def tokens(self, prompts) -> Any:
     """Token pytree of this process's `prompts`, as a global batch sharded on the mesh."""
     return sharding_lib.global_batch(self.generator.tokenize(list(prompts)), self.mesh)
+
+
+class ShapeCheckError(ValueError):
+  """A jitted function of the run failed to trace on the run's shapes (Runtime.check_iteration)."""
+
+
+@contextlib.contextmanager
+def _naming(what: str):
+  """Re-raises a tracing error of the block as a ShapeCheckError that says which function and
+  which shapes it was traced for (jax's own message names only the primitive)."""
+  try:
+    yield
+  except (TypeError, ValueError, IndexError) as e:
+    raise ShapeCheckError(f"{what} does not trace: {type(e).__name__}: {e}") from e
 
 
 def build_runtime(config: ml_collections.ConfigDict, mesh, purpose: str = "train") -> Runtime:

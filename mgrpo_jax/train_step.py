@@ -108,6 +108,28 @@ class Minibatch:
   normalizer: Any = None
 
 
+@dataclasses.dataclass
+class SampledBatch:
+  """One sampled batch of an iteration (P prompts, this process's p of them on the host).
+
+  Attributes:
+    rollout: the Rollout (global device arrays [P, ...]).
+    cond, neg_cond: the prompts' conditioning (global, [P, ...]; neg_cond None without CFG).
+    prompt_index: int32 [p], the prompts' rows in the dataset.
+    rewards: float32 [p, L, K] in config order (set once the rewards are in).
+  """
+
+  rollout: Any
+  cond: Any
+  neg_cond: Any
+  prompt_index: np.ndarray
+  rewards: np.ndarray | None = None
+
+
+# Folded into the run's key after the iteration: sampling and minibatch shuffling draw apart.
+FOLD_SAMPLE, FOLD_SHUFFLE = 0, 1
+
+
 def fold_key(key: jax.Array, *fold) -> jax.Array:
   """`key` with each integer of `fold` folded in, in order (traced or not: same bits)."""
   for data in fold:
@@ -371,3 +393,18 @@ def mean_metrics(metrics_list) -> dict[str, float]:
           out[f"train/ratio_norm_std_per_step/{s}"] = float(std[s])
   return out
 
+
+def iteration_metrics(train_metrics, summary, reward_names, spec: TreeSpec) -> dict[str, float]:
+  """An iteration's logged scalars: the epochs' `mean_metrics`, the advantage function's summary
+  with reward k renamed reward/<name> (means and stds over the global batch) and the rollout's
+  NFE and leaves per prompt."""
+  out = mean_metrics(train_metrics)
+  summary = jax.device_get(summary)
+  for k, name in enumerate(reward_names):
+    out[f"reward/{name}"] = float(summary.pop(f"reward/{k}"))
+    out[f"reward/{name}_std"] = float(summary.pop(f"reward/{k}_std"))
+  out.update({k: float(v) for k, v in summary.items()})
+  out.update({"nfe/per_prompt": float(spec.nfe),
+              "nfe/independent_per_prompt": float(spec.nfe_independent),
+              "samples/leaves_per_prompt": float(spec.num_leaves)})
+  return out

@@ -9,11 +9,9 @@ SIGTERM. One iteration, top to bottom: `train_iteration`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from typing import Any
 
 import jax
 import ml_collections
@@ -33,30 +31,13 @@ from mgrpo_jax.text_cache import ConditioningCache
 # Exit status of a run stopped by SIGTERM after writing its checkpoint (sysexits' EX_TEMPFAIL:
 # "try again"), so schedulers can tell preemption from failure and requeue.
 PREEMPTED_EXIT_CODE = 75
-# Folded into the run's key after the iteration: sampling and minibatch shuffling draw apart.
-_SAMPLE, _SHUFFLE = 0, 1
 
 
 class Preempted(Exception):
   """Raised after a SIGTERM-triggered checkpoint; the run can be resumed from the workdir."""
 
 
-@dataclasses.dataclass
-class SampledBatch:
-  """One sampled batch of an iteration (P prompts, this process's p of them on the host).
-
-  Attributes:
-    rollout: the Rollout (global device arrays [P, ...]).
-    cond, neg_cond: the prompts' conditioning (global, [P, ...]; neg_cond None without CFG).
-    prompt_index: int32 [p], the prompts' rows in the dataset.
-    rewards: float32 [p, L, K] in config order (set once the rewards are in).
-  """
-
-  rollout: Any
-  cond: Any
-  neg_cond: Any
-  prompt_index: np.ndarray
-  rewards: np.ndarray | None = None
+SampledBatch = train_step_lib.SampledBatch
 
 
 class Trainer:
@@ -85,6 +66,9 @@ class Trainer:
     # Made by a jitted function: a typed key cannot be device_put onto a multi-process mesh.
     self.base_key = jax.jit(lambda: jax.random.key(config.seed),
                             out_shardings=sharding_lib.replicated(self.mesh))()
+    # Every function of the first iteration traced on its shapes: errors before any sampling.
+    self.runtime.check_iteration(self.state, self.base_key,
+                                 self.runtime.fns_for_iteration(0).spec)
     self.text_cache = (None if config.sample.text_cache_size <= 0 else ConditioningCache(
         self.runtime, self.state.trainable, config.sample.text_cache_size))
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)
@@ -116,14 +100,9 @@ class Trainer:
     # Resuming (or extending) may change only the fields of workdir_lib.RESUMABLE_FIELDS.
     workdir_lib.check_resume(self.checkpointer.read_metadata(step), self.config,
                              workdir_lib.config_hash(self.config), step, self.workdir)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                            self.state.to_checkpoint())
-    if "rng" in self.checkpointer.saved_keys(step):  # written before the key left the state
-      rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-      abstract["rng"] = jax.ShapeDtypeStruct(rng.shape, rng.dtype,
-                                             sharding=sharding_lib.replicated(self.mesh))
-    restored, data_state, _ = self.checkpointer.restore(step, abstract)
-    restored.pop("rng", None)
+    # "rng": checkpoints written before the run's key left the state still restore.
+    restored, data_state, _ = self.checkpointer.restore(step, self.state.to_checkpoint(),
+                                                        retired=("rng",))
     self.state = train_step_lib.TrainState.from_checkpoint(restored)
     self.loader.set_state(data_state)
     logging.warning("resuming from the checkpoint of iteration %d in %s", step, self.workdir)
@@ -142,7 +121,7 @@ class Trainer:
       data = next(self.loader)
       prompts = list(data["prompts"])
       with timer("sample"):
-        fold = (iteration, _SAMPLE, b)
+        fold = (iteration, train_step_lib.FOLD_SAMPLE, b)
         if self.text_cache is None:
           neg = runtime.tokens([cfg.sample.negative_prompt] * len(prompts))
           out, cond, neg_cond, images = fns.sample(self.state.trainable, runtime.frozen,
@@ -167,33 +146,13 @@ class Trainer:
     batches = self.sample_and_score(iteration, timer)
     with timer("advantages"):
       adv, summary = self.iteration_advantages(fns, batches)
-    train_metrics = []
     state = self.state.replace(prompt_stats=None)  # not the train step's: kept out of donation
     with timer("train"):
-      for epoch in range(cfg.train.inner_epochs):
-        for b, batch in enumerate(batches):
-          data = train_step_lib.Transitions.from_rollout(batch.rollout, adv.transitions[b],
-                                                         adv.keep[b])
-          mbs, normalizer = self.runtime.minibatch_fn(data, self.base_key, iteration, _SHUFFLE,
-                                                      epoch * 1000 + b)
-          for j in range(cfg.train.num_minibatches):
-            mb = train_step_lib.Minibatch(jax.tree.map(lambda a: a[j], mbs), batch.cond,
-                                          batch.neg_cond, normalizer[j])
-            state, metrics = fns.train_step(state, mb, self.runtime.frozen)
-            train_metrics.append(metrics)
-      jax.block_until_ready(state)
+      state, train_metrics = self.runtime.train_epochs(fns, state, batches, adv, self.base_key,
+                                                       iteration)
     self.state = state.replace(prompt_stats=self.state.prompt_stats)
 
-    out = train_step_lib.mean_metrics(train_metrics)
-    summary = jax.device_get(summary)
-    for k, name in enumerate(cfg.reward.names):  # over the global batch, on every process
-      out[f"reward/{name}"] = float(summary.pop(f"reward/{k}"))
-      out[f"reward/{name}_std"] = float(summary.pop(f"reward/{k}_std"))
-    out.update({k: float(v) for k, v in summary.items()})
-    out.update({"nfe/per_prompt": float(fns.spec.nfe),
-                "nfe/independent_per_prompt": float(fns.spec.nfe_independent),
-                "samples/leaves_per_prompt": float(fns.spec.num_leaves)})
-    return out
+    return train_step_lib.iteration_metrics(train_metrics, summary, cfg.reward.names, fns.spec)
 
   def iteration_advantages(self, fns: runtime_lib.IterationFns, batches: list[SampledBatch]):
     """Advantages of every batch of an iteration, normalised over all of them together.

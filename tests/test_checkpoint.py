@@ -210,6 +210,23 @@ def test_mismatched_abstract_tree_raises_naming_each_problem(tmp_path):
   ckpt.close()
 
 
+def test_retired_keys_are_read_and_dropped(tmp_path):
+  """A field that older versions saved (here a key's data, as the trainer's old "rng") restores
+  only when named in `retired`; the other entries come back unchanged."""
+  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(1, {"w": jnp.arange(4.0), "rng": jax.random.key_data(jax.random.key(3)),
+                  "nested": {"x": jnp.ones((2, 2))}}, {"index": 7})
+    current = {"w": jnp.zeros(4), "nested": {"x": jnp.zeros((2, 2))}}
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match="rng: in the checkpoint but not in the abstract tree"):
+      ckpt.restore(1, abstract_of(current))
+    state, data, _ = ckpt.restore(1, abstract_of(current), retired=("rng", "not_saved"))
+  assert sorted(state) == ["nested", "w"]
+  np.testing.assert_array_equal(state["w"], [0.0, 1.0, 2.0, 3.0])
+  np.testing.assert_array_equal(state["nested"]["x"], np.ones((2, 2)))
+  assert data == {"index": 7}
+
+
 def test_async_save_survives_donated_source_then_wait(tmp_path):
   x = jax.random.normal(jax.random.key(0), (512, 512))
   expected = np.asarray(x)

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from mgrpo_jax import policy as policy_lib
+from mgrpo_jax import runtime as runtime_lib
 from mgrpo_jax import sharding as sharding_lib
 from mgrpo_jax import train_step as train_step_lib
 from mgrpo_jax import trainer as trainer_lib
@@ -299,3 +300,36 @@ def test_text_cache_reproduces_the_uncached_run(tmp_path):
     np.testing.assert_array_equal(a, b)
   # 4 prompts, 2 iterations of 4: the second iteration and the negative prompt hit the cache.
   assert cache.misses == 4 + 1 and cache.hits == 4 + 1
+
+
+@pytest.mark.slow  # ~35 s: builds the 8-device runtime
+def test_shape_error_in_the_train_step_surfaces_before_any_sampling(tmp_path, monkeypatch):
+  """A train step that cannot take the rollout's transitions (here a reshape to a wrong length,
+  standing in for a shape bug) fails while the Trainer is built, with a message naming the train
+  step and the rollout shape; no function was compiled, so nothing was sampled."""
+  make_train_step = train_step_lib.make_train_step
+
+  def broken(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def bad_step(state, batch, frozen):
+      latents = batch.transitions.latents
+      latents.reshape((latents.size + 1,))  # the shape bug
+      return step(state, batch, frozen)
+    return bad_step
+
+  monkeypatch.setattr(train_step_lib, "make_train_step", broken)
+  compiled = []
+  listener = lambda event, duration, **kw: compiled.append(kw.get("fun_name")) \
+      if event == "/jax/core/compile/backend_compile_duration" else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    # The runlocal variant: 4 steps, x2 at steps 0 and 1, 4 prompts (one per data shard).
+    with pytest.raises(runtime_lib.ShapeCheckError,
+                       match=r"train step \(rollout: 4 steps, 1 roots, branching at \(0, 1\) "
+                             r"x \(2, 2\), 4 leaves; 4 prompts x 1 batches\) does not trace: "
+                             r"TypeError: cannot reshape"):
+      trainer_lib.Trainer(tiny_config(), str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert not [name for name in compiled if "sample" in str(name)], compiled
