@@ -51,6 +51,11 @@ def test_ablation_configs():
   assert tuple(late.tree.branch_steps) == (3, 4) and late.seed == 2
   assert tree_lib.tree_spec_from_config(late).nfe == 4 + 2 + 20
   assert (late.tree.mode, late.advantage.mode) == ("tree", "reward_groups")
+  wide = study.testbed_config(4, "x2x3_tree", 0, quick=False)
+  # x2 at step 1, x3 at step 3: steps 0-1 on the root (2), steps 2-3 on 2 nodes (4), steps 4-9
+  # on 6 leaves (36); the reference x2/x2 tree has 2 + 4 + 24 = 30.
+  assert tuple(wide.tree.branch_steps) == (1, 3) and tuple(wide.tree.branch_factors) == (2, 3)
+  assert tree_lib.tree_spec_from_config(wide).nfe == 2 + 4 + 36
   glob = study.testbed_config(4, "global_std", 0, quick=False)
   assert glob.advantage.std == "global" and tuple(glob.tree.branch_steps) == (1, 3)
   with pytest.raises(ValueError, match="unknown ablation 'flat'"):
@@ -135,6 +140,8 @@ def test_quick_study_outputs_and_resume(tmp_path):
     record = json.loads((out / "4" / name / "seed0.json").read_text())
     assert record["method"] == name and record["reward_names"] == list(study.SCALE_REWARDS)
   assert json.loads((out / "4" / "late_tree" / "seed0.json").read_text())["nfe_per_prompt"] == 9
+  # x2@1, x3@3 at 5 steps: 2 + 2 * 2 + 6 * 1.
+  assert json.loads((out / "4" / "x2x3_tree" / "seed0.json").read_text())["nfe_per_prompt"] == 12
   init = json.loads((out / "1" / "init" / "seed0.json").read_text())
   assert set(init["std"]) == set(study.SCALE_REWARDS) and "correlation" in init
   credit = json.loads((out / "2" / "credit" / "seed0.json").read_text())
