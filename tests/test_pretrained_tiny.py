@@ -144,3 +144,44 @@ def test_base_model_renders_training_words():
   scores = [ocr.score_one(im, p, {"text": w}) for im, p, (w, _) in zip(images, prompts, pairs)]
   # Text is there (pure noise or blank images score 0; the held-out mean is ~0.26).
   assert len(scores) == 16 and np.mean(scores) > 0.15
+
+
+def _pretrain_curve():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                      "pretrain_curve.py")
+  spec = importlib.util.spec_from_file_location("pretrain_curve", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_pretrain_curve_names_a_workdir_without_exports(tmp_path):
+  curve = _pretrain_curve()
+  with pytest.raises(SystemExit, match="no weights_<step> exports.*export_every"):
+    curve.main(["--workdir", str(tmp_path)])
+  with pytest.raises(SystemExit, match="no workdir"):
+    curve.main(["--workdir", str(tmp_path / "missing")])
+
+
+@pytest.mark.slow
+def test_pretrain_curve_scores_every_export(tmp_path):
+  """Two steps with an export after each: one row per export, in step order, with the run's
+  elapsed time from its log and rewards in [0, 1]."""
+  config = pretrain.default_config()
+  config.model.update(dict(SMALL, image_size=32, patch_size=8))
+  config.train.batch_size = 2
+  config.train.steps = 2
+  config.train.warmup_steps = 1
+  config.log.log_every = 1
+  config.log.export_every = 1
+  pretrain.train(config, str(tmp_path / "w"))
+  out = tmp_path / "curve.json"
+  _pretrain_curve().main(["--workdir", str(tmp_path / "w"), "--seeds", "0", "--no-shipped",
+                          "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2]
+  for row, record in zip(rows, log):
+    assert row["elapsed_min"] == pytest.approx(record["elapsed_s"] / 60)
+    assert 0 <= row["ocr"][0] <= 1 and 0 <= row["text_color"][0] <= 1
