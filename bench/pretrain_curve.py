@@ -2,7 +2,7 @@ r"""Held-out OCR / text-colour rewards of the tiny text renderer along a pretrai
 
   python -m mgrpo_jax.pretrain --workdir W --seed 0 --config.train.steps=5000 \
       --config.log.export_every=500
-  python bench/pretrain_curve.py --workdir W --seeds 0 1 --out bench/results/pretrain_cpu.json
+  python bench/pretrain_curve.py --workdir W --seeds 0 1 --out bench/results/pretrain_cpu_seed0.json
 
 Evaluates every exported WORKDIR/weights_<step> (and the final WORKDIR/weights), plus the shipped
 weights for reference, with `mgrpo_jax.pretrain.evaluate` (40 held-out (word, colour) pairs, 10
@@ -85,7 +85,10 @@ def main(argv=None) -> None:
   print("| --- | --- | --- | --- | --- | --- |")
   for step, path in targets:
     results = [pretrain.evaluate(path, "heldout", seed) for seed in args.seeds]
-    row = {"weights": os.path.relpath(path, ROOT) if path == SHIPPED else path, "step": step,
+    # Paths in the record are relative (to the repository for the shipped weights, to the
+    # workdir for its exports), so a committed record names no machine's directories.
+    name = os.path.relpath(path, ROOT if path == SHIPPED else args.workdir)
+    row = {"weights": name, "step": step,
            "elapsed_min": (elapsed[step] / 60 if step in elapsed else None),
            "seeds": args.seeds,
            "ocr": [r["ocr"] for r in results], "text_color": [r["text_color"] for r in results],
@@ -94,13 +97,13 @@ def main(argv=None) -> None:
     fmt = lambda values: " / ".join(f"{v:.3f}" for v in values) + (
         f" (mean {np.mean(values):.3f})" if len(values) > 1 else "")
     wall = "-" if row["elapsed_min"] is None else f"{row['elapsed_min']:.1f}"
-    print(f"| {'shipped' if path == SHIPPED else os.path.basename(path)} | "
+    print(f"| {'shipped' if path == SHIPPED else name} | "
           f"{'-' if step is None else step} | {wall} | {fmt(row['ocr'])} | "
           f"{fmt(row['text_color'])} | {fmt(row['color_correct'])} |", flush=True)
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-      json.dump({"workdir": args.workdir, "rows": rows}, f, indent=1)
+      json.dump({"rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

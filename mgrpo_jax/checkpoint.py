@@ -265,7 +265,7 @@ class Checkpointer:
     self.wait()  # a step this process is still writing is not readable yet
     self._require_step(step)
     abstract = jax.tree_util.tree_map_with_path(self._as_abstract_data, abstract_state)
-    saved = self._manager.item_metadata(step)[_STATE].tree
+    saved = self._manager.item_metadata(step)[_STATE].tree if retired else {}
     dropped = [k for k in retired if k in saved and k not in abstract]
     if dropped:
       replicated = jax.tree.leaves(abstract)[0].sharding  # single-device, or its mesh's P()
@@ -335,13 +335,6 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"abstract state does not match checkpoint step {step} in {self.directory} "
           f"({len(problems)} problem(s)):\n  {listed}")
-
-  def saved_keys(self, step: int) -> set[str]:
-    """Top-level keys of the state saved at `step` (e.g. to restore a checkpoint written
-    before a field was dropped from the state)."""
-    self._require_step(int(step))
-    tree = self._manager.item_metadata(int(step))[_STATE].tree
-    return {str(k) for k in tree}
 
   def _require_step(self, step: int) -> None:
     if step not in self._manager.all_steps():

@@ -211,9 +211,10 @@ class Runtime:
     prompts = [""] * (P // jax.process_count())
     # The jitted functions themselves (not their set_mesh wrappers), traced inside the mesh.
     shape_of = lambda fn, *args: jax.eval_shape(getattr(fn, "__wrapped__", fn), *args)
-    what = lambda stage: (f"{stage} (rollout: {fns.spec.num_steps} steps, "
-                          f"{fns.spec.num_roots} roots, branching at {fns.spec.branch_steps} x {fns.spec.branch_factors}, "
-                          f"{fns.spec.num_leaves} leaves; {P} prompts x {B} batches)")
+    spec = fns.spec
+    what = lambda stage: (f"{stage} (rollout: {spec.num_steps} steps, {spec.num_roots} roots, "
+                          f"branching at {spec.branch_steps} x {spec.branch_factors}, "
+                          f"{spec.num_leaves} leaves; {P} prompts x {B} batches)")
     with jax.set_mesh(self.mesh):
       with _naming(what("sampling")):
         rollout, cond, neg_cond, _ = shape_of(
@@ -224,7 +225,7 @@ class Runtime:
           shape_of(fns.sample_from_cond, state.trainable, self.frozen, cond, neg_cond, key,
                    0, 0, 0)
       with _naming(what("advantages")):
-        rewards = jax.ShapeDtypeStruct((P, B, fns.spec.num_leaves, K), jnp.float32)
+        rewards = jax.ShapeDtypeStruct((P, B, spec.num_leaves, K), jnp.float32)
         adv, _, _ = shape_of(fns.advantage, rewards, jax.ShapeDtypeStruct((P, B), jnp.int32),
                              state.prompt_stats)
       with _naming(what("minibatch split")):

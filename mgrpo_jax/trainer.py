@@ -37,9 +37,6 @@ class Preempted(Exception):
   """Raised after a SIGTERM-triggered checkpoint; the run can be resumed from the workdir."""
 
 
-SampledBatch = train_step_lib.SampledBatch
-
-
 class Trainer:
   """Owns the runtime, the state and the host-side helpers of one run."""
 
@@ -113,7 +110,7 @@ class Trainer:
                            metadata=workdir_lib.checkpoint_metadata(self.config), force=force)
 
   # -- one iteration -------------------------------------------------------------------------------
-  def sample_and_score(self, iteration: int, timer) -> list[SampledBatch]:
+  def sample_and_score(self, iteration: int, timer) -> list[train_step_lib.SampledBatch]:
     """Samples every batch of the iteration; rewards of batch b run while b + 1 samples."""
     cfg, runtime, fns = self.config, self.runtime, self.runtime.fns_for_iteration(iteration)
     batches, pending = [], []
@@ -134,7 +131,8 @@ class Trainer:
                                              neg_cond, self.base_key, *fold)
         local_images = sharding_lib.local_rows(images)  # waits for this batch only
       pending.append(self.scorer.submit(images, local_images, prompts, data["metadata"]))
-      batches.append(SampledBatch(out, cond, neg_cond, np.asarray(data["index"], np.int32)))
+      batches.append(train_step_lib.SampledBatch(out, cond, neg_cond,
+                                                  np.asarray(data["index"], np.int32)))
     with timer("reward_wait"):
       for batch, scores in zip(batches, pending):
         batch.rewards = scores.result()  # raises RewardError naming the reward and prompt
@@ -154,7 +152,8 @@ class Trainer:
 
     return train_step_lib.iteration_metrics(train_metrics, summary, cfg.reward.names, fns.spec)
 
-  def iteration_advantages(self, fns: runtime_lib.IterationFns, batches: list[SampledBatch]):
+  def iteration_advantages(self, fns: runtime_lib.IterationFns,
+                           batches: list[train_step_lib.SampledBatch]):
     """Advantages of every batch of an iteration, normalised over all of them together.
 
     Every process stacks its own rows of the B batches along axis 1, so the global reward array

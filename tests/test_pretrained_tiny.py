@@ -182,6 +182,8 @@ def test_pretrain_curve_scores_every_export(tmp_path):
   rows = json.loads(out.read_text())["rows"]
   log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
   assert [r["step"] for r in rows] == [1, 2]
+  # Named relative to the workdir: step 1's export, then the final export of step 2.
+  assert [r["weights"] for r in rows] == ["weights_1", "weights"]
   for row, record in zip(rows, log):
     assert row["elapsed_min"] == pytest.approx(record["elapsed_s"] / 60)
     assert 0 <= row["ocr"][0] <= 1 and 0 <= row["text_color"][0] <= 1
