@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh                      # on the GPU machine, from the repository root
 #   OUT=/tmp/out TINY=1 BUDGET=3000 bash bench/gpu_check.sh   # CPU dry run at tiny sizes
+#   BUDGET=300 JAX_S=205 TORCH_S=95 bash bench/gpu_check.sh    # SD3.5-M parts only, shorter
 #
 # Needs python3 with jax (GPU), flax, optax, chex, numpy; torch (CUDA) for the baseline. diffusers
 # and ml_collections (imported by mgrpo_jax.trainer), which the GPU image lacks, are installed
@@ -14,6 +15,8 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 BUDGET=${BUDGET:-400}
 TINY=${TINY:-0}
+JAX_S=${JAX_S:-250}      # limit of the SD3.5-M jax part (seconds)
+TORCH_S=${TORCH_S:-110}  # limit of the SD3.5-M torch part
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
@@ -58,9 +61,9 @@ SIZE=()
 [ "$TINY" = 1 ] && SIZE=(--tiny)
 # JAX and torch in separate processes: JAX preallocates most of the GPU memory.
 # auto = cuDNN flash attention on an H100; xla (the previous code path) for the forward only.
-part sd35m_jax 250 --model sd35m "${SIZE[@]}" --framework jax --attention auto,xla \
+part sd35m_jax "$JAX_S" --model sd35m "${SIZE[@]}" --framework jax --attention auto,xla \
   --compare-parts forward --warmup 1 --repeats 3
-part sd35m_torch 110 --model sd35m "${SIZE[@]}" --framework torch --warmup 1 --repeats 3
+part sd35m_torch "$TORCH_S" --model sd35m "${SIZE[@]}" --framework torch --warmup 1 --repeats 3
 part flux_jax 90 --model flux "${SIZE[@]}" --framework jax --attention auto,xla \
   --parts forward --warmup 1 --repeats 3
 part flux_torch 60 --model flux "${SIZE[@]}" --framework torch --parts forward --warmup 1 \
