@@ -7,6 +7,15 @@
 #   bash bench/gpu_check.sh                      # on the GPU machine, from the repository root
 #   OUT=/tmp/out TINY=1 BUDGET=3000 bash bench/gpu_check.sh   # CPU dry run at tiny sizes
 #   BUDGET=300 JAX_S=205 TORCH_S=95 bash bench/gpu_check.sh    # SD3.5-M parts only, shorter
+#   PLAN=rest BUDGET=700 bash bench/gpu_check.sh   # what the H100 run of 2026-11-27 left out
+#
+# PLAN=rest runs, in priority order: the SD3.5-M LoRA train step (jax alone with a 330 s limit,
+# since its first call outlasted the ~120 s it had, then torch's), OCR images/s against the
+# number of workers on the host's cores (bench/rewards.py, 180 s: a 16-worker process pool's
+# start-up alone takes tens of seconds), then the FLUX parts. The OCR part also needs the
+# rapidocr_onnxruntime, pyclipper and shapely wheels in .whl/ (onnxruntime and opencv are in
+# the GPU image). It leaves 9 files in $OUT; the device tool brings 8 back, and log.txt holds
+# every table.
 #
 # Needs python3 with jax (GPU), flax, optax, chex, numpy; torch (CUDA) for the baseline. diffusers
 # and ml_collections (imported by mgrpo_jax.trainer), which the GPU image lacks, are installed
@@ -15,6 +24,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 BUDGET=${BUDGET:-400}
 TINY=${TINY:-0}
+PLAN=${PLAN:-all}        # all | rest (see above)
 JAX_S=${JAX_S:-250}      # limit of the SD3.5-M jax part (seconds)
 TORCH_S=${TORCH_S:-110}  # limit of the SD3.5-M torch part
 mkdir -p "$OUT"
@@ -23,7 +33,8 @@ export PYTHONUNBUFFERED=1
 START=$SECONDS
 
 shopt -s nullglob
-wheels=(.whl/diffusers-*.whl .whl/ml_collections-*.whl)
+wheels=(.whl/diffusers-*.whl .whl/ml_collections-*.whl .whl/rapidocr*.whl .whl/pyclipper*.whl
+        .whl/shapely*.whl)
 if ((${#wheels[@]})); then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${wheels[@]}" || echo "wheel install failed: ${wheels[*]}"
@@ -61,9 +72,21 @@ SIZE=()
 [ "$TINY" = 1 ] && SIZE=(--tiny)
 # JAX and torch in separate processes: JAX preallocates most of the GPU memory.
 # auto = cuDNN flash attention on an H100; xla (the previous code path) for the forward only.
-part sd35m_jax "$JAX_S" --model sd35m "${SIZE[@]}" --framework jax --attention auto,xla \
-  --compare-parts forward --warmup 1 --repeats 3
-part sd35m_torch "$TORCH_S" --model sd35m "${SIZE[@]}" --framework torch --warmup 1 --repeats 3
+if [ "$PLAN" = rest ]; then
+  part sd35m_train_jax 330 --model sd35m "${SIZE[@]}" --framework jax --attention auto \
+    --parts train --warmup 1 --repeats 3
+  part sd35m_train_torch 90 --model sd35m "${SIZE[@]}" --framework torch --parts train \
+    --warmup 1 --repeats 3
+  echo "== ocr: limit 180 s, starting at $((SECONDS - START)) s"
+  # Rows are printed as they are measured, so a cut run still reports.
+  timeout --signal=INT --kill-after=15 180 \
+    python3 bench/rewards.py --ocr-scaling --workers 1 4 8 16 --images 64 | tee "$OUT/ocr.txt"
+else
+  part sd35m_jax "$JAX_S" --model sd35m "${SIZE[@]}" --framework jax --attention auto,xla \
+    --compare-parts forward --warmup 1 --repeats 3
+  part sd35m_torch "$TORCH_S" --model sd35m "${SIZE[@]}" --framework torch --warmup 1 \
+    --repeats 3
+fi
 part flux_jax 90 --model flux "${SIZE[@]}" --framework jax --attention auto,xla \
   --parts forward --warmup 1 --repeats 3
 part flux_torch 60 --model flux "${SIZE[@]}" --framework torch --parts forward --warmup 1 \
