@@ -58,6 +58,12 @@ def default_config() -> ml_collections.ConfigDict:
   # AdamW peak learning rate, linear warm-up steps, weight decay, gradient-norm clip.
   config.train.learning_rate = 6e-4
   config.train.warmup_steps = 200
+  # After warm-up: "constant" (the shipped recipe; step N of a longer run is then a run of N
+  # steps) or "cosine" (half a cosine from the peak down to final_lr_fraction x peak at
+  # train.steps: short runs usually end at a lower loss, but intermediate exports are not
+  # shorter runs).
+  config.train.decay = "constant"
+  config.train.final_lr_fraction = 0.0
   config.train.weight_decay = 0.0
   config.train.max_grad_norm = 1.0
   # Probability of training a sample on the empty prompt (for classifier-free guidance).
@@ -77,9 +83,24 @@ def model_config(config) -> tiny_pixel.TinyPixelConfig:
   return tiny_pixel.TinyPixelConfig(**dict(config.model))
 
 
+def learning_rate_schedule(config) -> optax.Schedule:
+  """Linear warm-up from 0 to the peak, then constant or cosine decay (config.train.decay)."""
+  t = config.train
+  warmup = max(1, int(t.warmup_steps))
+  if t.decay == "constant":
+    return optax.linear_schedule(0.0, t.learning_rate, warmup)
+  if t.decay == "cosine":
+    if int(t.steps) <= warmup:
+      raise ValueError(f"config.train.decay='cosine' needs train.steps ({t.steps}) > "
+                       f"train.warmup_steps ({t.warmup_steps})")
+    return optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, warmup, int(t.steps), end_value=t.learning_rate * t.final_lr_fraction)
+  raise ValueError(f"config.train.decay must be 'constant' or 'cosine', got {t.decay!r}")
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
   t = config.train
-  schedule = optax.linear_schedule(0.0, t.learning_rate, max(1, t.warmup_steps))
+  schedule = learning_rate_schedule(config)
   return optax.chain(optax.clip_by_global_norm(t.max_grad_norm),
                      optax.adamw(schedule, weight_decay=t.weight_decay))
 
@@ -195,6 +216,7 @@ def _export(graphdef, params, cfg, config, out: str, step: int, command: str) ->
   tiny_pixel.save_weights(nnx.merge(graphdef, params), cfg, out, {
       "command": command, "seed": int(config.seed), "steps": int(step),
       "batch_size": int(config.train.batch_size), "learning_rate": config.train.learning_rate,
+      "decay": config.train.decay,
       "font": f"Pillow ImageFont.load_default(size={synthetic_text.FONT_SIZE})",
       "jax_backend": jax.default_backend()})
   print(f"weights of step {step} written to {out}", flush=True)

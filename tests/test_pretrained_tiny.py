@@ -104,6 +104,28 @@ def test_flow_matching_loss_of_the_zero_init_model():
   np.testing.assert_allclose(float(loss), np.mean((eps - x0) ** 2), rtol=1e-5)
 
 
+def test_learning_rate_schedules():
+  config = pretrain.default_config()
+  config.train.learning_rate, config.train.warmup_steps, config.train.steps = 1e-3, 100, 1100
+  constant = pretrain.learning_rate_schedule(config)
+  # Linear warm-up, then the peak for ever (the shipped recipe).
+  np.testing.assert_allclose([float(constant(s)) for s in (0, 50, 100, 1100, 5000)],
+                             [0.0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  config.train.decay, config.train.final_lr_fraction = "cosine", 0.2
+  cosine = pretrain.learning_rate_schedule(config)
+  # After warm-up: end + (peak - end) (1 + cos(pi u)) / 2, u = (step - 100) / 1000.
+  end = 2e-4
+  expect = [0.0, 5e-4, 1e-3, end + 8e-4 * (1 + np.cos(np.pi * 0.25)) / 2, 6e-4, end, end]
+  np.testing.assert_allclose([float(cosine(s)) for s in (0, 50, 100, 350, 600, 1100, 1500)],
+                             expect, rtol=1e-5)
+  config.train.decay = "linear"
+  with pytest.raises(ValueError, match="config.train.decay must be"):
+    pretrain.learning_rate_schedule(config)
+  config.train.decay, config.train.steps = "cosine", 100
+  with pytest.raises(ValueError, match="needs train.steps"):
+    pretrain.learning_rate_schedule(config)
+
+
 @pytest.mark.slow
 def test_pretraining_resumes_exactly_and_exports_loadable_weights(tmp_path):
   config = pretrain.default_config()
