@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh                      # on the GPU machine, from the repository root
 #   OUT=/tmp/out TINY=1 BUDGET=3000 bash bench/gpu_check.sh   # CPU dry run at tiny sizes
 #   BUDGET=300 JAX_S=205 TORCH_S=95 bash bench/gpu_check.sh    # SD3.5-M parts only, shorter
-#   PLAN=rest BUDGET=700 bash bench/gpu_check.sh   # what the H100 run of 2026-11-27 left out
+#   PLAN=rest BUDGET=570 bash bench/gpu_check.sh   # what the H100 run of 2026-11-27 left out
+#                                                  # (ran on an H200 the same day in 441 s)
 #
 # PLAN=rest runs, in priority order: the SD3.5-M LoRA train step (jax alone with a 330 s limit,
 # since its first call outlasted the ~120 s it had, then torch's), OCR images/s against the
@@ -44,6 +45,19 @@ fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 nvidia-smi || echo "nvidia-smi: not available"
+# First the GPU-only test of the cuDNN attention at odd lengths (values and gradients of the padded
+# backward against float64 numpy). The image's own pytest if it has one (its plugins refused the
+# pytest 8.3.5 wheel), else the wheels in .whl/.
+if ! python3 -c "import pytest" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_pytest \
+    .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/packaging-*.whl \
+    || echo "no pytest: the GPU test is skipped"
+fi
+if [ "$TINY" != 1 ]; then
+  JAX_PLATFORMS=cuda XLA_FLAGS= PYTHONPATH=$PYTHONPATH:/tmp/site_pytest timeout 120 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k real_cudnn -rs
+  echo "== real cuDNN test: exit $?"
+fi
 python3 -c "import sys, jax, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__)" \
   || echo "torch/diffusers do not import: the torch rows will say so"
