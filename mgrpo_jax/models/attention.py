@@ -275,8 +275,9 @@ def cudnn_padded_backward(query: jax.Array, key: jax.Array, value: jax.Array) ->
   Undifferentiated calls (sampling) are exactly the plain cuDNN call. Under differentiation the
   forward and its VJP are those of `_cudnn_padded`: cuDNN's own training kernels at the lengths
   rounded up to even (`cudnn_backward_unsupported`), one padded key masked out. On an H200 the
-  SD3.5-M LoRA step took 167.5 ms at 1,358 tokens with cuDNN's backward against 277.6 ms at
-  1,357 with XLA's recomputed backward (bench/results/h200/), which this replaces.
+  SD3.5-M LoRA step took 172.1 ms at 1,357 tokens with this, 167.5 ms at an even 1,358, and
+  277.6 ms at 1,357 with the cuDNN forward and XLA's recomputed backward that this replaces
+  (bench/results/h200/).
 
   Args:
     query: [B, T, N, H]; key, value: [B, S, N, H] (bfloat16/float16 for the real kernel).
