@@ -255,7 +255,7 @@ def bench_jax(work: Work, attentions: list[str], parts: list[str], warmup: int,
         work.text_tokens + h * w // (4 if work.flux else work.arch["patch_size"] ** 2))
     tags[attention] = f"jax[{attention}]" + (f"={chosen}" if attention == "auto" else "")
     if reason:
-      print(f"{tags[attention]}: auto falls back to xla: {reason}", flush=True)
+      print(f"{tags[attention]}: {reason}", flush=True)  # the tag names what runs instead
 
   cache = {("xla", True): graphdef}
 
