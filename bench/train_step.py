@@ -59,11 +59,10 @@ def main():
   t_sample = median_seconds(
       lambda r: fns.sample(state.trainable, runtime.frozen, tokens, neg, key, r), args.repeats)
   out, cond, neg_cond, _ = fns.sample(state.trainable, runtime.frozen, tokens, neg, key, 0)
-  ones = jnp.ones_like(out.log_probs)
-  minibatches, normalizer = runtime.minibatch_fn(
-      train_step_lib.Transitions.from_rollout(out, ones, ones), key)
-  batch = train_step_lib.Minibatch(jax.tree.map(lambda a: a[0], minibatches), cond, neg_cond,
-                                   normalizer[0])
+  ones = jnp.ones_like(out.log_probs)[None]  # advantages and keep of one batch [1, P, M]
+  minibatches, normalizer = runtime.split_fn(out, ones, ones, 0, key)
+  transitions, normalizer = runtime.take_fn(minibatches, normalizer, 0)
+  batch = train_step_lib.Minibatch(transitions, cond, neg_cond, normalizer)
   holder = {"state": state}  # the train step donates its state: each call takes the last one
 
   def train(r):

@@ -10,7 +10,9 @@ code:
       `TrainState` (`init_state`) and the jitted functions of one iteration for a rollout shape
       (`iteration_fns(spec)`, `fns_for_iteration(i)`: sample, advantages, train step; cached
       per shape, so a moving SDE window compiles each of its positions once), the minibatch
-      split and the text encoder. Batch-size and rollout-shape errors are raised here.
+      split and the text encoder. Batch-size and rollout-shape errors are raised here;
+      `check_iteration` (tracing) and `compile_iteration` (ahead-of-time compilation on the
+      loop's shardings) raise shape and compiler errors before the trainer samples anything.
 Every function is traced inside the mesh, so the models' activation sharding hints apply; the
 train step also gets the state's output shardings and donates its input state. Nothing here
 reads prompts, rewards or the workdir.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable
 
 import jax
@@ -107,8 +110,11 @@ class Runtime:
     self.sigmas = schedule.generator_sigmas(self.generator, config, config.sample.num_steps)
     self.trainable = export.init_from_config(trainable, config)  # lora.init_from, if set
     self.tx = policy_lib.make_optimizer(config)
-    self.minibatch_fn = self.on_mesh(jax.jit(train_step_lib.make_minibatch_fn(
+    # The minibatch split of one sampled batch, and one minibatch of a split (see
+    # train_step.make_batch_minibatches_fn for why both are jitted).
+    self.split_fn = self.on_mesh(jax.jit(train_step_lib.make_batch_minibatches_fn(
         config.train.num_minibatches)))
+    self.take_fn = self.on_mesh(jax.jit(train_step_lib.take_minibatch))
     self.encode_fn = self.on_mesh(jax.jit(train_step_lib.make_encode_fn(self.policy)))
     self.state_shardings = None  # set by init_state
 
@@ -182,13 +188,11 @@ class Runtime:
     metrics = []
     for epoch in range(self.config.train.inner_epochs):
       for b, batch in enumerate(batches):
-        data = train_step_lib.Transitions.from_rollout(batch.rollout, adv.transitions[b],
-                                                       adv.keep[b])
-        mbs, normalizer = self.minibatch_fn(data, key, iteration, train_step_lib.FOLD_SHUFFLE,
-                                            epoch * 1000 + b)
+        mbs, normalizer = self.split_fn(batch.rollout, adv.transitions, adv.keep, b, key,
+                                        iteration, train_step_lib.FOLD_SHUFFLE, epoch * 1000 + b)
         for j in range(self.config.train.num_minibatches):
-          mb = train_step_lib.Minibatch(jax.tree.map(lambda a: a[j], mbs), batch.cond,
-                                        batch.neg_cond, normalizer[j])
+          transitions, normalizer_j = self.take_fn(mbs, normalizer, j)
+          mb = train_step_lib.Minibatch(transitions, batch.cond, batch.neg_cond, normalizer_j)
           state, step_metrics = fns.train_step(state, mb, self.frozen)
           metrics.append(step_metrics)
     jax.block_until_ready(state)
@@ -229,13 +233,68 @@ class Runtime:
         adv, _, _ = shape_of(fns.advantage, rewards, jax.ShapeDtypeStruct((P, B), jnp.int32),
                              state.prompt_stats)
       with _naming(what("minibatch split")):
-        data = jax.eval_shape(lambda r, a: train_step_lib.Transitions.from_rollout(
-            r, a.transitions[0], a.keep[0]), rollout, adv)
-        mbs, normalizer = shape_of(self.minibatch_fn, data, key, 0, 0, 0)
+        mbs, normalizer = shape_of(self.split_fn, rollout, adv.transitions, adv.keep, 0, key,
+                                   0, 0, 0)
+        transitions, normalizer = shape_of(self.take_fn, mbs, normalizer, 0)
       with _naming(what("train step")):
-        batch = jax.eval_shape(lambda m, c, n, z: train_step_lib.Minibatch(
-            jax.tree.map(lambda a: a[0], m), c, n, z[0]), mbs, cond, neg_cond, normalizer)
+        batch = train_step_lib.Minibatch(transitions, cond, neg_cond, normalizer)
         shape_of(fns.train_step, state.replace(prompt_stats=None), batch, self.frozen)
+
+  def compile_iteration(self, state: train_step_lib.TrainState, key: jax.Array,
+                        spec: TreeSpec | None = None) -> dict[str, Any]:
+    """Compiles the functions of one iteration of rollout shape `spec` ahead of time, in the
+    order the trainer calls them, on the exact shapes and shardings of the arrays it will pass:
+    concrete arrays where the trainer makes them (weights, state, tokens, key, rewards from the
+    host), and each compiled function's own output shardings for what the next one receives.
+    The executables land in jit's caches, so the run's first iteration calls them without
+    compiling again (tests/test_recompile.py checks it), and a compiler error (a sharding XLA
+    cannot partition, device memory) stops the run here, before any sampling. Call after
+    `check_iteration`, whose tracing names shape errors better than a compiler does.
+
+    Returns:
+      {"sample" or "encode" and "sample_from_cond", "advantage", "split", "take", "train_step":
+      jax.stages.Compiled}; the train step's memory estimate is logged when the backend gives
+      one.
+    """
+    fns = self.iteration_fns(spec)
+    cfg = self.config
+    P, B, K = cfg.data.prompts_per_batch, cfg.sample.batches_per_iteration, len(cfg.reward.names)
+    local = P // jax.process_count()
+    tokens = self.tokens([""] * local)
+    compile_ = lambda fn, *args: getattr(fn, "__wrapped__", fn).lower(*args).compile()
+    out = {}
+    with jax.set_mesh(self.mesh):
+      if cfg.sample.text_cache_size > 0:
+        # The text cache hands over host rows as global batches (sharding_lib.global_batch).
+        out["encode"] = compile_(self.encode_fn, state.trainable, self.frozen, tokens)
+        as_batch = lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=sharding_lib.batch_sharding(self.mesh, len(s.shape)))
+        cond = jax.tree.map(as_batch, out["encode"].out_info)
+        neg_cond = cond if self.sampler.guidance_scale != 1.0 else None
+        out["sample_from_cond"] = compile_(fns.sample_from_cond, state.trainable, self.frozen,
+                                           cond, neg_cond, key, 0, 0, 0)
+        rollout = _outputs(out["sample_from_cond"])[0]
+      else:
+        out["sample"] = compile_(fns.sample, state.trainable, self.frozen, tokens, tokens, key,
+                                 0, 0, 0)
+        rollout, cond, neg_cond, _ = _outputs(out["sample"])
+      rewards = sharding_lib.global_batch(np.zeros((local, B, fns.spec.num_leaves, K),
+                                                   np.float32), self.mesh)
+      index = sharding_lib.global_batch(np.zeros((local, B), np.int32), self.mesh)
+      out["advantage"] = compile_(fns.advantage, rewards, index, state.prompt_stats)
+      adv = _outputs(out["advantage"])[0]
+      out["split"] = compile_(self.split_fn, rollout, adv.transitions, adv.keep, 0, key, 0, 0, 0)
+      out["take"] = compile_(self.take_fn, *_outputs(out["split"]), 0)
+      transitions, normalizer = _outputs(out["take"])
+      batch = train_step_lib.Minibatch(transitions, cond, neg_cond, normalizer)
+      out["train_step"] = compile_(fns.train_step, state.replace(prompt_stats=None), batch,
+                                   self.frozen)
+    memory = out["train_step"].memory_analysis()
+    if memory is not None:
+      logging.info("train step compiled: %.1f MiB of arguments, %.1f MiB of outputs, %.1f MiB "
+                   "of temporaries per device", memory.argument_size_in_bytes / 2**20,
+                   memory.output_size_in_bytes / 2**20, memory.temp_size_in_bytes / 2**20)
+    return out
 
   def ode_sample_fn(self, steps: int, guidance: float | None = None) -> Callable:
     """Jitted (trainable, frozen, tokens, neg_tokens, key) -> uint8 images [P, H, W, 3]: `steps`
@@ -292,6 +351,14 @@ class Runtime:
   def tokens(self, prompts) -> Any:
     """Token pytree of this process's `prompts`, as a global batch sharded on the mesh."""
     return sharding_lib.global_batch(self.generator.tokenize(list(prompts)), self.mesh)
+
+
+def _outputs(compiled) -> Any:
+  """A compiled function's outputs as abstract values with their shardings: the arguments to
+  compile the functions that take them with."""
+  return jax.tree.map(lambda info, sharding: jax.ShapeDtypeStruct(info.shape, info.dtype,
+                                                                  sharding=sharding),
+                      compiled.out_info, compiled.output_shardings)
 
 
 class ShapeCheckError(ValueError):

@@ -8,6 +8,9 @@
                                          -> (Advantages [B, P, ...], stats, summary scalars)
   make_minibatch_fn(n)                -> (Transitions [P, M, ...], key, *fold)
                                          -> (Transitions [n, P, m, ...], normalizer [n])
+  make_batch_minibatches_fn(n)        -> the same from (Rollout, advantages [B, P, M],
+                                         keep [B, P, M], b, key, *fold): batch b's transitions
+  take_minibatch                      -> (Transitions [n, ...], normalizer [n], j) -> row j
   make_train_step(policy, tx, ...)    -> (TrainState, Minibatch, frozen) -> (TrainState, metrics)
   mean_metrics(per-minibatch metrics) -> the epoch's "train/*" scalars (host side)
 The state and the batches are typed pytrees (`TrainState`, `Transitions`, `Minibatch`). Random
@@ -149,7 +152,7 @@ def make_encode_fn(policy: Policy):
 def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
   """(trainable, frozen, cond, neg_cond, key, *fold) -> (Rollout, images uint8 [P, L, H, W, 3])."""
 
-  def sample_fn(trainable, frozen, cond, neg_cond, key, *fold):
+  def sample_from_cond_fn(trainable, frozen, cond, neg_cond, key, *fold):
     model = policy.module(trainable, frozen)
     out = rollout_lib.rollout(policy.velocity_fn(trainable, frozen), cond, neg_cond,
                               fold_key(key, *fold), spec, sigmas, latent_shape, sampler)
@@ -158,7 +161,7 @@ def make_sample_from_cond_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, la
     images = jnp.round(jnp.clip(images, 0.0, 1.0) * 255).astype(jnp.uint8)
     return out, images.reshape((P, L) + images.shape[1:])
 
-  return sample_fn
+  return sample_from_cond_fn
 
 
 def make_sample_fn(policy: Policy, spec: TreeSpec, sampler, sigmas, latent_shape):
@@ -351,6 +354,30 @@ def make_minibatch_fn(num_minibatches: int):
     return out, normalizer
 
   return fn
+
+
+def make_batch_minibatches_fn(num_minibatches: int):
+  """`make_minibatch_fn` of one sampled batch, with the batch's advantages picked inside.
+
+  Returns fn(rollout, advantages, keep, b, key, *fold) -> (Transitions [n, P, m, ...],
+  normalizer [n]) for the transitions of `rollout` (one batch, [P, M, ...]) with
+  advantages[b] and keep[b] (the iteration's [B, P, M] arrays, `make_advantage_fn`). Picking
+  row b in here rather than on the host keeps every input of the iteration's functions an
+  output of another jitted function, so their shardings are known when the run compiles ahead
+  of time (`Runtime.compile_iteration`); the values are the same (a copy).
+  """
+  split = make_minibatch_fn(num_minibatches)
+
+  def batch_minibatches(rollout, advantages, keep, b, key, *fold):
+    return split(Transitions.from_rollout(rollout, advantages[b], keep[b]), key, *fold)
+
+  return batch_minibatches
+
+
+def take_minibatch(minibatches: Transitions, normalizer: jax.Array, j):
+  """Row j of a split (`make_minibatch_fn`): (Transitions [P, m, ...], normalizer []).
+  Jitted by the runtime for the reason given in `make_batch_minibatches_fn`."""
+  return jax.tree.map(lambda a: a[j], minibatches), normalizer[j]
 
 
 def mean_metrics(metrics_list) -> dict[str, float]:

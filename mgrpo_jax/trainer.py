@@ -63,9 +63,11 @@ class Trainer:
     # Made by a jitted function: a typed key cannot be device_put onto a multi-process mesh.
     self.base_key = jax.jit(lambda: jax.random.key(config.seed),
                             out_shardings=sharding_lib.replicated(self.mesh))()
-    # Every function of the first iteration traced on its shapes: errors before any sampling.
-    self.runtime.check_iteration(self.state, self.base_key,
-                                 self.runtime.fns_for_iteration(0).spec)
+    # Every function of the first iteration traced on its shapes, then compiled with the
+    # shardings of its inputs: shape and compiler errors before any sampling.
+    first = self.runtime.fns_for_iteration(0).spec
+    self.runtime.check_iteration(self.state, self.base_key, first)
+    self.runtime.compile_iteration(self.state, self.base_key, first)
     self.text_cache = (None if config.sample.text_cache_size <= 0 else ConditioningCache(
         self.runtime, self.state.trainable, config.sample.text_cache_size))
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)

@@ -285,16 +285,30 @@ def test_missing_checkpoint_step_is_named(tmp_path):
 def test_text_cache_reproduces_the_uncached_run(tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("".join(f'a sign that reads "word {i}"\n' for i in range(4)))
-  runs = {}
+  runs, compiled = {}, []
+  listener = lambda event, duration, **kw: compiled.append(kw.get("fun_name")) \
+      if event == "/jax/core/compile/backend_compile_duration" else None
   for size in (0, 16):
     config = tiny_config(**{"data.dataset": str(prompts), "train.num_iterations": 2,
                             "sample.text_cache_size": size})
-    trainer = trainer_lib.Trainer(config, str(tmp_path / f"cache{size}"))
+    if size:
+      jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-      trainer.run()
-      runs[size] = (jax.tree.map(np.asarray, trainer.state.trainable), trainer.text_cache)
+      trainer = trainer_lib.Trainer(config, str(tmp_path / f"cache{size}"))
+      try:
+        trainer.run()
+        runs[size] = (jax.tree.map(np.asarray, trainer.state.trainable), trainer.text_cache)
+      finally:
+        trainer.close()
     finally:
-      trainer.close()
+      if size:
+        jax.monitoring.unregister_event_duration_listener(listener)
+  # With the cache the run samples from conditionings the cache hands over as host rows; the
+  # ahead-of-time compilation (Runtime.compile_iteration) used their shardings, so each
+  # function compiled once in the whole run, and the token sampler not at all.
+  for name in ("jit(encode_fn)", "jit(sample_from_cond_fn)", "jit(train_step)"):
+    assert compiled.count(name) == 1, (name, compiled)
+  assert "jit(sample_fn)" not in compiled, compiled
   (plain, _), (cached, cache) = runs[0], runs[16]
   for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(cached)):
     np.testing.assert_array_equal(a, b)
