@@ -40,8 +40,10 @@ class Preempted(Exception):
 class Trainer:
   """Owns the runtime, the state and the host-side helpers of one run."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    """Builds everything and resumes from the workdir's latest checkpoint, if any."""
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, compile_ahead: bool = True):
+    """Builds everything and resumes from the workdir's latest checkpoint, if any.
+    `compile_ahead=False` leaves the iteration's functions to compile at their first call (for
+    scripts and tests that build a Trainer to restore or render, not to train)."""
     self.config, self.workdir = config, workdir
     self.is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -67,7 +69,8 @@ class Trainer:
     # shardings of its inputs: shape and compiler errors before any sampling.
     first = self.runtime.fns_for_iteration(0).spec
     self.runtime.check_iteration(self.state, self.base_key, first)
-    self.runtime.compile_iteration(self.state, self.base_key, first)
+    if compile_ahead:
+      self.runtime.compile_iteration(self.state, self.base_key, first)
     self.text_cache = (None if config.sample.text_cache_size <= 0 else ConditioningCache(
         self.runtime, self.state.trainable, config.sample.text_cache_size))
     self.scorer = scorer_lib.RewardScorer(config.reward, self.mesh)

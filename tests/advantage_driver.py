@@ -38,7 +38,8 @@ def main(argv):
                                process_id=int(argv[5]))
   from mgrpo_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from mgrpo_jax import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
-  trainer = trainer_lib.Trainer(config(), workdir)
+  # Samples and scores one iteration; no train step.
+  trainer = trainer_lib.Trainer(config(), workdir, compile_ahead=False)
   try:
     batches = trainer.sample_and_score(0, metrics_lib.Timer())
     adv, _ = trainer.iteration_advantages(trainer.runtime.fns_for_iteration(0), batches)

@@ -30,7 +30,7 @@ def test_pipeline_equals_trainer_render(tmp_path):
   from mgrpo_jax import trainer as trainer_lib
   config = tiny_config()
   workdir = str(tmp_path / "run")
-  trainer = trainer_lib.Trainer(config, workdir)
+  trainer = trainer_lib.Trainer(config, workdir, compile_ahead=False)  # renders, no training
   try:
     base = trainer.render(PROMPTS[:2], seed=3)  # adapters at init: B = 0
     # Non-zero adapters (B is zero at init), so the checkpoint differs from the base model.
