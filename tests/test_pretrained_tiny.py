@@ -209,3 +209,20 @@ def test_pretrain_curve_scores_every_export(tmp_path):
   for row, record in zip(rows, log):
     assert row["elapsed_min"] == pytest.approx(record["elapsed_s"] / 60)
     assert 0 <= row["ocr"][0] <= 1 and 0 <= row["text_color"][0] <= 1
+
+
+def test_pretrain_step_bench_ways_compute_the_same_function(tmp_path):
+  """bench/pretrain_step.py --quick: the plain loop, the scan and the rematerialised scan train
+  the same model (3 blocks: a scan of 2 and the last block) to the same loss."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "steps.json"
+  subprocess.run([sys.executable, os.path.join(root, "bench", "pretrain_step.py"), "--quick",
+                  "--out", str(out)], check=True, cwd=root)
+  result = json.loads(out.read_text())
+  assert [r["way"] for r in result["runs"]] == ["loop", "scan", "scan_remat"]
+  losses = [r["loss_after"] for r in result["runs"]]
+  assert np.isfinite(losses).all()
+  np.testing.assert_allclose(losses[1:], losses[0], rtol=1e-5)
+  assert all(r["median_s"] > 0 for r in result["runs"])

@@ -71,20 +71,23 @@ def rel_err(out, ref):
   return float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
 
 
-@pytest.mark.parametrize("variant, overrides, shard", [
-    ("sd3", {}, None),
-    ("qk_rms_norm", {"qk_norm": "rms_norm"}, None),
-    ("sd35m_dual", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, None),
-    ("sharded_ckpt", {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)}, "20KB"),
+@pytest.mark.parametrize("variant, overrides, shard, run", [
+    ("sd3", {}, None, {}),
+    ("qk_rms_norm", {"qk_norm": "rms_norm"}, None, {}),
+    ("sd35m_dual", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, None, {}),
+    ("sharded_ckpt", {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1)}, "20KB", {}),
+    # Blocks 0-1 (dual attention) and 2-3 run as two scans, block 4 (context_pre_only) alone.
+    ("scan_layers", {"qk_norm": "rms_norm", "dual_attention_layers": (0, 1), "num_layers": 5},
+     None, {"scan_layers": True}),
 ])
-def test_matches_diffusers(tmp_path, variant, overrides, shard):
+def test_matches_diffusers(tmp_path, variant, overrides, shard, run):
   ref_model = save_reference(tmp_path, max_shard_size=shard, **overrides)
   if shard is not None:
     index = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors.index.json")]
     assert index, os.listdir(tmp_path)
     with open(tmp_path / index[0]) as f:
       assert len(set(json.load(f)["weight_map"].values())) > 1
-  module = sd3.from_pretrained(str(tmp_path))
+  module = sd3.from_pretrained(str(tmp_path), **run)
   # Rectangular 6x4 patch grid: exercises the off-centre crop of the 16x16 position table.
   inputs = make_inputs()
   ref = reference_velocity(ref_model, inputs)
@@ -170,6 +173,30 @@ def test_remat_gradients_and_bf16(tmp_path):
   out = jitted_velocity(half, inputs)
   assert out.dtype == np.float32
   assert rel_err(out, reference_velocity(ref_model, inputs)) < 2e-2
+
+
+def test_scan_layers_groups_blocks_and_keeps_gradients(tmp_path):
+  # Five blocks: 0-1 dual attention, 2-3 plain, 4 context_pre_only -> stretches of 2, 2 and 1.
+  save_reference(tmp_path, num_layers=5, qk_norm="rms_norm", dual_attention_layers=(0, 1))
+  inputs = make_inputs(height=8, width=8)
+  args = [jnp.asarray(v) for v in inputs.values()]
+  loop = sd3.from_pretrained(str(tmp_path))
+  stretches = sd3._stretches(list(loop.transformer_blocks))  # pylint: disable=protected-access
+  assert [len(s) if isinstance(s, list) else 1 for _, s in stretches] == [2, 2, 1]
+
+  def grads(module):
+    graphdef, state = nnx.split(module)
+    loss = lambda s: jnp.mean(jnp.square(nnx.merge(graphdef, s)(*args)))
+    return str(jax.make_jaxpr(jax.grad(loss))(state)), jax.jit(jax.grad(loss))(state)
+  jaxpr0, g0 = grads(loop)
+  assert "scan" not in jaxpr0
+  for run in ({"scan_layers": True}, {"scan_layers": True, "remat": True}):
+    jaxpr1, g1 = grads(sd3.from_pretrained(str(tmp_path), **run))
+    assert "scan" in jaxpr1, run
+    # The same parameter tree (the stacking is inside the call), the same gradients.
+    assert jax.tree.structure(g1) == jax.tree.structure(g0)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_loads_sharded_on_8_device_mesh(tmp_path):

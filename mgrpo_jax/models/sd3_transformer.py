@@ -82,6 +82,13 @@ class SD3TransformerConfig:
     dtype: compute dtype of matmuls and activations; norms and softmax statistics stay float32.
     param_dtype: dtype parameters are created (and loaded) in.
     remat: rematerialise each block in the backward pass (nnx.remat) to save activation memory.
+    scan_layers: run each stretch of consecutive blocks with the same structure (all blocks but
+      the last, split where dual attention starts or stops) as one `jax.lax.scan` over their
+      stacked states. The same function and parameters as the loop; the stacking copies the
+      stretch's weights once per call, so it is meant for small models. Why: XLA's CPU compiler
+      fuses the residual stream's cotangent chain across all blocks of an unrolled loop into
+      every consumer (recomputing it), which made the tiny renderer's training step ~1.4x
+      slower; a scan keeps one block per loop body (`bench/pretrain_step.py` measures it).
     attention: attention kernel, one of `attention.IMPLEMENTATIONS` ("auto" picks cuDNN on
       NVIDIA GPUs, splash on TPU, XLA elsewhere; see models/attention.py).
   """
@@ -102,6 +109,7 @@ class SD3TransformerConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat: bool = False
+  scan_layers: bool = False
   attention: str = "auto"
 
   def __post_init__(self):
@@ -148,7 +156,8 @@ class SD3TransformerConfig:
   @classmethod
   def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> SD3TransformerConfig:
     """From a diffusers `transformer/config.json` dict; `overrides` set dtype/param_dtype/remat/
-    attention. Unknown architecture keys are refused (`weights.diffusers_arch_kwargs`).
+    scan_layers/attention. Unknown architecture keys are refused
+    (`weights.diffusers_arch_kwargs`).
 
     Raises:
       ValueError: naming the unknown key, the wrong class or the unsupported value.
@@ -464,6 +473,38 @@ class TimeTextEmbed(nnx.Module):
             self.text_embedder(pooled.astype(self.dtype)).astype(jnp.float32))
 
 
+def _run_block(cfg: SD3TransformerConfig, graphdef, state, x, context, temb):
+  """One block as a pure function of its state: (x [B, N, D], context [B, L, D]) -> same."""
+  run = lambda st, *a: nnx.merge(graphdef, st)(*a)
+  if cfg.remat:
+    # Under jax.checkpoint only the block inputs are saved for the backward pass. (nnx.remat
+    # would try to write the block's variables back, which fails when this module was merged
+    # inside an outer jax transform.)
+    run = jax.checkpoint(run)
+  return _constrain_streams(*run(state, x, context, temb))
+
+
+def _constrain_streams(x, context):
+  x = sharding_lib.constrain(x, _TOKENS)
+  if context is not None:
+    context = sharding_lib.constrain(context, _TOKENS)
+  return x, context
+
+
+def _stretches(blocks) -> list:
+  """[(graphdef, state)] per block, where consecutive blocks with equal graphdefs (the same
+  structure) are merged into one (graphdef, [state, ...]) for a scan."""
+  out = []
+  for block in blocks:
+    graphdef, state = nnx.split(block)
+    if out and out[-1][0] == graphdef:
+      prev = out[-1][1]
+      out[-1] = (graphdef, prev + [state] if isinstance(prev, list) else [prev, state])
+    else:
+      out.append((graphdef, state))
+  return out
+
+
 class SD3Transformer(nnx.Module):
   """The SD3 / SD3.5 MMDiT velocity network on NHWC latents."""
 
@@ -512,19 +553,20 @@ class SD3Transformer(nnx.Module):
     context = self.context_embedder(encoder_hidden_states.astype(cfg.dtype)).astype(jnp.float32)
     x, context = sharding_lib.constrain(x, _TOKENS), sharding_lib.constrain(context, _TOKENS)
 
-    for block in self.transformer_blocks:
-      if cfg.remat:
-        # A pure function of the block's state under jax.checkpoint: only the block inputs are
-        # saved for the backward pass. (nnx.remat would try to write the block's variables back,
-        # which fails when this module was merged inside an outer jax transform.)
-        graphdef, state = nnx.split(block)
-        run = jax.checkpoint(lambda st, *a, g=graphdef: nnx.merge(g, st)(*a))
-        x, context = run(state, x, context, temb)
-      else:
-        x, context = block(x, context, temb)
-      x = sharding_lib.constrain(x, _TOKENS)
-      if context is not None:
-        context = sharding_lib.constrain(context, _TOKENS)
+    if cfg.scan_layers:
+      for graphdef, states in _stretches(list(self.transformer_blocks)):
+        if isinstance(states, list):  # a stretch of identical blocks: one scan over them
+          stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+          step = lambda carry, st, g=graphdef: (_run_block(cfg, g, st, *carry, temb), None)
+          (x, context), _ = jax.lax.scan(step, (x, context), stacked)
+        else:
+          x, context = _run_block(cfg, graphdef, states, x, context, temb)
+    else:
+      for block in self.transformer_blocks:
+        if cfg.remat:
+          x, context = _run_block(cfg, *nnx.split(block), x, context, temb)
+        else:
+          x, context = _constrain_streams(*block(x, context, temb))
 
     x = self.norm_out(x, temb).astype(cfg.dtype)
     x = self.proj_out(x).astype(jnp.float32)  # [B, gh * gw, p * p * out]

@@ -89,6 +89,8 @@ class TinyPixelConfig:
     display_scale: integer upscale of `decode` (bicubic), so OCR sees large glyphs.
     dtype: compute dtype name ("float32" or "bfloat16").
     remat: rematerialise transformer blocks in the backward pass.
+    scan_layers: run the identical transformer blocks as one `jax.lax.scan` (the same function;
+      `mgrpo_jax.pretrain` turns it on: faster training steps on CPU, `bench/pretrain_step.py`).
     path: directory with model.safetensors + config.json to load ('' = random init);
       `registry.tiny_text_model_config()` points it at the shipped weights.
   """
@@ -104,6 +106,7 @@ class TinyPixelConfig:
   display_scale: int = 4
   dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
   path: str = ""
 
   def __post_init__(self):
@@ -118,7 +121,8 @@ class TinyPixelConfig:
         latent_size=self.image_size, latent_channels=3, patch_size=self.patch_size,
         num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
         text_length=self.text_length, text_layers=self.text_layers, pooled_dim=self.pooled_dim,
-        upsample=1, dtype=self.dtype, remat=self.remat)
+        upsample=1, dtype=self.dtype, remat=self.remat,
+        scan_layers=self.scan_layers)
 
   @property
   def latent_shape(self) -> tuple[int, int, int]:
