@@ -87,8 +87,8 @@ class SD3TransformerConfig:
       stacked states. The same function and parameters as the loop; the stacking copies the
       stretch's weights once per call, so it is meant for small models. Why: XLA's CPU compiler
       fuses the residual stream's cotangent chain across all blocks of an unrolled loop into
-      every consumer (recomputing it), which made the tiny renderer's training step ~1.4x
-      slower; a scan keeps one block per loop body (`bench/pretrain_step.py` measures it).
+      every consumer (recomputing it): the tiny renderer's training step is ~1.7x faster as a
+      scan, which keeps one block per loop body (`bench/pretrain_step.py` measures it).
     attention: attention kernel, one of `attention.IMPLEMENTATIONS` ("auto" picks cuDNN on
       NVIDIA GPUs, splash on TPU, XLA elsewhere; see models/attention.py).
   """
