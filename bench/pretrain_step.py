@@ -1,7 +1,7 @@
 r"""Seconds per pretraining step of the tiny text renderer: plain block loop, scan, scan + remat.
 
   python bench/pretrain_step.py                       # shipped sizes, batch 32, 30 steps each
-  python bench/pretrain_step.py --steps 40 --rounds 2 --out bench/results/pretrain_step_cpu.json
+  python bench/pretrain_step.py --steps 20 --rounds 2 --out bench/results/pretrain_step_cpu.json
   python bench/pretrain_step.py --quick               # tiny sizes, a few steps (the test runs it)
 
 Each way runs `mgrpo_jax.pretrain`'s own jitted train step (same optimizer, same batches of

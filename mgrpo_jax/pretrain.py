@@ -46,7 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Base seed: initial parameters, data order, noise.
   config.seed = 0
-  # Model sizes (TinyPixelConfig fields; `path` and run-time fields are not used here).
+  # Model sizes (TinyPixelConfig fields; `path`, `dtype` and `display_scale` keep their defaults).
   config.model = ml_collections.ConfigDict(tiny_pixel.TinyPixelConfig().architecture())
   # How the step runs, not what it computes (the weights do not depend on these): the blocks as
   # one scan, rematerialised in the backward pass: on the 2-core CPU a step is ~1.9x faster than

@@ -182,7 +182,7 @@ def test_scan_layers_groups_blocks_and_keeps_gradients(tmp_path):
   args = [jnp.asarray(v) for v in inputs.values()]
   loop = sd3.from_pretrained(str(tmp_path))
   stretches = sd3._stretches(list(loop.transformer_blocks))  # pylint: disable=protected-access
-  assert [len(s) if isinstance(s, list) else 1 for _, s in stretches] == [2, 2, 1]
+  assert [len(states) for _, states in stretches] == [2, 2, 1]
 
   def grads(module):
     graphdef, state = nnx.split(module)

@@ -492,16 +492,15 @@ def _constrain_streams(x, context):
 
 
 def _stretches(blocks) -> list:
-  """[(graphdef, state)] per block, where consecutive blocks with equal graphdefs (the same
-  structure) are merged into one (graphdef, [state, ...]) for a scan."""
+  """[(graphdef, [state, ...])]: consecutive blocks with equal graphdefs (the same structure)
+  share one entry, in block order."""
   out = []
   for block in blocks:
     graphdef, state = nnx.split(block)
     if out and out[-1][0] == graphdef:
-      prev = out[-1][1]
-      out[-1] = (graphdef, prev + [state] if isinstance(prev, list) else [prev, state])
+      out[-1][1].append(state)
     else:
-      out.append((graphdef, state))
+      out.append((graphdef, [state]))
   return out
 
 
@@ -555,12 +554,13 @@ class SD3Transformer(nnx.Module):
 
     if cfg.scan_layers:
       for graphdef, states in _stretches(list(self.transformer_blocks)):
-        if isinstance(states, list):  # a stretch of identical blocks: one scan over them
-          stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-          step = lambda carry, st, g=graphdef: (_run_block(cfg, g, st, *carry, temb), None)
-          (x, context), _ = jax.lax.scan(step, (x, context), stacked)
-        else:
-          x, context = _run_block(cfg, graphdef, states, x, context, temb)
+        if len(states) == 1:
+          x, context = _run_block(cfg, graphdef, states[0], x, context, temb)
+          continue
+        # A stretch of identical blocks: one scan over their stacked states.
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        step = lambda carry, st, g=graphdef: (_run_block(cfg, g, st, *carry, temb), None)
+        (x, context), _ = jax.lax.scan(step, (x, context), stacked)
     else:
       for block in self.transformer_blocks:
         if cfg.remat:
