@@ -9,7 +9,16 @@ same run and asserts exact equality of both: any refactoring that changes one bi
 a weight fails it.
 
 The run goes in a subprocess with a clean environment (one device: no XLA device-count flag), so
-the result does not depend on the 8 simulated devices of the pytest process. To rewrite the
+the result does not depend on the 8 simulated devices of the pytest process.
+
+Bits are a property of the code, the XLA version and the host CPU, and CI hosts vary: with XLA's
+defaults, YNNPACK picks its kernels by the CPU it finds and the compiler vectorises for the widest
+ISA there, so an AVX-512 host and an AVX2 host differ in the last bits (the first fixture, written
+on another host, failed on an AVX-512 Xeon by 4e-5 in the first reward, while the pre-split code
+reproduced it there bit for bit only under the same settings). The child therefore runs with
+`PINNED_XLA_FLAGS`: no YNNPACK/XNNPACK, code generated for AVX2 at most, the same on every x86-64
+host with AVX2 and FMA. The fixture records the jax/jaxlib versions it was written with; under
+other versions (other XLA) the test is skipped, as bit equality then means nothing. To rewrite the
 fixture (only when a change in behaviour is intended, and say so in the commit):
 
   python tests/test_trainer_fixture.py --write
@@ -29,6 +38,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny_4_iterations.json")
 NUM_ITERATIONS = 4
+# XLA CPU settings that make the bits independent of which x86-64 host runs the test (see above).
+PINNED_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type= "
+                    "--xla_cpu_use_xnnpack=false --xla_cpu_max_isa=AVX2")
 
 
 def run_config():
@@ -88,6 +100,7 @@ def _child(workdir: str, out: str) -> None:
 def run_in_subprocess(tmpdir: str) -> dict:
   """The digest of a fresh run on one CPU device (clean environment, no device-count flag)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = PINNED_XLA_FLAGS
   env["JAX_PLATFORMS"] = "cpu"
   workdir, out = os.path.join(tmpdir, "workdir"), os.path.join(tmpdir, "digest.json")
   res = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", workdir, out],
@@ -104,10 +117,37 @@ def _same(a, b) -> bool:
   return type(a) is type(b) and a == b
 
 
+def versions() -> dict:
+  """The versions that decide the bits besides the code: jax, jaxlib (its XLA), numpy."""
+  import jax, jaxlib, numpy  # pylint: disable=import-outside-toplevel,multiple-imports
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": numpy.__version__}
+
+
+def host_supports_pinned_isa() -> bool:
+  """Whether this host can run AVX2 + FMA code (the pinned ISA); Linux x86-64 only."""
+  import platform  # pylint: disable=import-outside-toplevel
+  if platform.machine() not in ("x86_64", "AMD64"):
+    return False
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+  except OSError:
+    return False
+  return "avx2" in flags and "fma" in flags
+
+
 @pytest.mark.slow
 def test_four_iterations_bit_identical_to_fixture(tmp_path):
   with open(FIXTURE) as f:
     fixture = json.load(f)
+  if fixture["versions"] != versions():
+    pytest.skip(f"bit equality holds for the versions the fixture was written with "
+                f"({fixture['versions']}), not these ({versions()})")
+  if not host_supports_pinned_isa():
+    pytest.skip("the pinned XLA flags need an x86-64 host with AVX2 and FMA")
+  assert fixture["xla_flags"] == PINNED_XLA_FLAGS, (
+      f"the fixture was written under XLA_FLAGS={fixture['xla_flags']!r}, the test pins "
+      f"{PINNED_XLA_FLAGS!r}: rewrite the fixture")
   # A changed config would make a mismatch meaningless: name what differs first. Keys added
   # since the fixture was written are allowed (new options whose defaults keep behaviour; the
   # comparison below catches the rest).
@@ -143,10 +183,12 @@ def write_fixture() -> None:
   with tempfile.TemporaryDirectory() as tmpdir:
     result = run_in_subprocess(tmpdir)
   fixture = {
-      "about": "4 iterations of configs/tiny_jpeg.py (random tiny model, 1 CPU device, seed 0), "
-               "written by tests/test_trainer_fixture.py --write; metrics.jsonl without time/* "
-               "keys, sha256 of each final trainable array's bytes",
+      "about": "4 iterations of configs/tiny_jpeg.py (random tiny model, 1 CPU device, seed 0, "
+               "XLA_FLAGS=xla_flags), written by tests/test_trainer_fixture.py --write; "
+               "metrics.jsonl without time/* keys, sha256 of each final trainable array's bytes",
       "written_by_commit": _git_commit(),
+      "versions": versions(),
+      "xla_flags": PINNED_XLA_FLAGS,
       "config": flat_config(run_config()),
       **result,
   }
