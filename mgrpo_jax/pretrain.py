@@ -73,6 +73,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.max_grad_norm = 1.0
   # Probability of training a sample on the empty prompt (for classifier-free guidance).
   config.train.prompt_dropout = 0.1
+  # Exponential moving average of the parameters (0: off, the shipped recipe). When on, the
+  # exported weights are the average: ema <- decay * ema + (1 - decay) * params after every
+  # step, starting from the initial parameters; 1 / (1 - decay) steps is its window.
+  config.train.ema_decay = 0.0
   config.log = ml_collections.ConfigDict()
   # Log every this many steps; save the resumable state every checkpoint_every steps.
   config.log.log_every = 50
@@ -144,25 +148,39 @@ def batch_for_step(config, tokenizer, step: int) -> tuple[np.ndarray, np.ndarray
   return tokenizer(prompts)["input_ids"], images * 2.0 - 1.0
 
 
-def _save_state(path: str, step: int, params, opt_state) -> None:
-  leaves = jax.tree.leaves((params, opt_state))
+def _save_state(path: str, step: int, state) -> None:
+  """state: (params, opt_state) or (params, opt_state, ema)."""
+  leaves = jax.tree.leaves(state)
   tmp = path + ".tmp.npz"
   np.savez(tmp, step=np.int64(step), **{f"leaf_{i}": np.asarray(x) for i, x in enumerate(leaves)})
   os.replace(tmp, path)
 
 
-def _load_state(path: str, params, opt_state):
+def _load_state(path: str, state):
+  """(step, state) from `path`; `state` is the template (same structure as `_save_state`'s)."""
   with np.load(path, allow_pickle=False) as data:
-    treedef = jax.tree.structure((params, opt_state))
-    template = jax.tree.leaves((params, opt_state))
+    treedef = jax.tree.structure(state)
+    template = jax.tree.leaves(state)
+    saved = sum(1 for name in data.files if name.startswith("leaf_"))
+    if saved != len(template):
+      raise ValueError(f"{path} holds {saved} arrays, this run expects {len(template)} (was it "
+                       f"written with another config.train.ema_decay, on or off, or other "
+                       f"model sizes?)")
     leaves = [data[f"leaf_{i}"] for i in range(len(template))]
     for i, (a, t) in enumerate(zip(leaves, template)):
       if a.shape != t.shape:
         raise ValueError(f"{path}: saved leaf {i} has shape {a.shape}, the model expects "
                          f"{t.shape} (was it written with other model sizes?)")
     step = int(data["step"])
-  params, opt_state = jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
-  return step, params, opt_state
+  return step, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in leaves])
+
+
+def make_ema_update(decay: float):
+  """Jitted (ema, params) -> decay * ema + (1 - decay) * params, leaf by leaf."""
+  if not 0.0 < decay < 1.0:
+    raise ValueError(f"config.train.ema_decay must be 0 (off) or in (0, 1), got {decay}")
+  return jax.jit(lambda ema, params: jax.tree.map(
+      lambda e, p: decay * e + (1.0 - decay) * p, ema, params))
 
 
 def train(config, workdir: str, command: str = "") -> str:
@@ -178,10 +196,17 @@ def train(config, workdir: str, command: str = "") -> str:
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(config)
   opt_state = tx.init(params)
+  decay = float(config.train.ema_decay)
+  ema_update = make_ema_update(decay) if decay else None
+  # The average starts from the initial parameters (a copy: the step does not alias it).
+  ema = jax.tree.map(jnp.copy, params) if ema_update else None
   state_path = os.path.join(workdir, "state.npz")
   start = 0
   if os.path.exists(state_path):
-    start, params, opt_state = _load_state(state_path, params, opt_state)
+    template = (params, opt_state, ema) if ema_update else (params, opt_state)
+    start, loaded = _load_state(state_path, template)
+    params, opt_state = loaded[:2]
+    ema = loaded[2] if ema_update else None
     print(f"resumed from {state_path} at step {start}", flush=True)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"tiny text renderer: {n_params:,} parameters, steps {start}..{config.train.steps}",
@@ -195,6 +220,8 @@ def train(config, workdir: str, command: str = "") -> str:
     ids, x0 = batch_for_step(config, tokenizer, step)
     params, opt_state, loss = train_step(params, opt_state, ids, x0,
                                          jax.random.fold_in(base_key, step))
+    if ema_update:
+      ema = ema_update(ema, params)
     losses.append(loss)
     done = step + 1
     if done % config.log.log_every == 0 or done == config.train.steps:
@@ -206,14 +233,15 @@ def train(config, workdir: str, command: str = "") -> str:
       log.flush()
       print(json.dumps(record), flush=True)
     if done % config.log.checkpoint_every == 0 or done == config.train.steps:
-      _save_state(state_path, done, params, opt_state)
+      _save_state(state_path, done, (params, opt_state, ema) if ema_update else
+                  (params, opt_state))
     every = config.log.export_every
     if every and done % every == 0 and done != config.train.steps:
-      _export(graphdef, params, cfg, config, os.path.join(workdir, f"weights_{done}"), done,
-              command)
+      _export(graphdef, ema if ema_update else params, cfg, config,
+              os.path.join(workdir, f"weights_{done}"), done, command)
   log.close()
   out = os.path.join(workdir, "weights")
-  _export(graphdef, params, cfg, config, out, config.train.steps, command)
+  _export(graphdef, ema if ema_update else params, cfg, config, out, config.train.steps, command)
   return out
 
 
@@ -221,7 +249,7 @@ def _export(graphdef, params, cfg, config, out: str, step: int, command: str) ->
   tiny_pixel.save_weights(nnx.merge(graphdef, params), cfg, out, {
       "command": command, "seed": int(config.seed), "steps": int(step),
       "batch_size": int(config.train.batch_size), "learning_rate": config.train.learning_rate,
-      "decay": config.train.decay,
+      "decay": config.train.decay, "ema_decay": float(config.train.ema_decay),
       "font": f"Pillow ImageFont.load_default(size={synthetic_text.FONT_SIZE})",
       "jax_backend": jax.default_backend()})
   print(f"weights of step {step} written to {out}", flush=True)

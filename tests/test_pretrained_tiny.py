@@ -154,6 +154,61 @@ def test_pretraining_resumes_exactly_and_exports_loadable_weights(tmp_path):
   assert np.abs(np.asarray(model.transformer.proj_out.kernel[...])).max() > 0
 
 
+def _small_run_config(steps: int, ema_decay: float = 0.0):
+  config = pretrain.default_config()
+  config.model.update(dict(SMALL, image_size=32, patch_size=8))  # the data is 32 px
+  config.train.batch_size = 2
+  config.train.steps = steps
+  config.train.warmup_steps = 1
+  # Large steps (the first step's rate is 0 in the warm-up) so the second moves the parameters
+  # by far more than the float16 rounding of the exports.
+  config.train.learning_rate = 1e-2
+  config.train.ema_decay = ema_decay
+  config.log.checkpoint_every = 1
+  return config
+
+
+@pytest.mark.slow
+def test_ema_exports_the_average_of_the_parameter_sequence(tmp_path):
+  """The EMA export of a 2-step run against numpy's average of the raw exports of 0, 1, 2 steps
+  (the raw trajectory does not depend on the EMA); resuming keeps the average."""
+  d = 0.6
+  raw = []
+  for steps in (1, 2):
+    out = pretrain.train(_small_run_config(steps), str(tmp_path / f"raw{steps}"))
+    raw.append(load_file(os.path.join(out, "model.safetensors")))
+  model = tiny_pixel.TinyPixelT2I(pretrain.model_config(_small_run_config(1)),
+                                  rngs=nnx.Rngs(0))  # the initial parameters (seed 0)
+  init_dir = str(tmp_path / "init")
+  tiny_pixel.save_weights(model, pretrain.model_config(_small_run_config(1)), init_dir, {})
+  p0 = load_file(os.path.join(init_dir, "model.safetensors"))
+  ema = pretrain.train(_small_run_config(2, d), str(tmp_path / "ema"))
+  got = load_file(os.path.join(ema, "model.safetensors"))
+  # Resume: one step, then the second step from state.npz (which holds the average).
+  pretrain.train(_small_run_config(1, d), str(tmp_path / "resumed"))
+  resumed = load_file(os.path.join(pretrain.train(_small_run_config(2, d),
+                                                  str(tmp_path / "resumed")),
+                                   "model.safetensors"))
+  assert sorted(got) == sorted(p0)
+  moved = 0
+  for name in p0:
+    p0_, p1, p2 = (np.asarray(x[name], np.float64) for x in (p0, *raw))
+    want = d * (d * p0_ + (1 - d) * p1) + (1 - d) * p2
+    # Exports are float16: the reference's inputs and the export are each rounded once, so they
+    # agree to two float16 spacings at the arrays' magnitude.
+    tol = 2 * np.spacing(np.float16(max(np.abs(p0_).max(), np.abs(p2).max())))
+    np.testing.assert_allclose(got[name], want, rtol=0, atol=float(tol), err_msg=name)
+    np.testing.assert_array_equal(resumed[name], got[name], err_msg=name)
+    moved += np.abs(p2 - p0_).max() > 20 * tol
+  assert moved > 0  # the step moved parameters by far more than the tolerance
+  assert json.load(open(os.path.join(ema, "config.json")))["ema_decay"] == d
+  # A state written without the average does not resume a run with it.
+  with pytest.raises(ValueError, match="ema_decay"):
+    pretrain.train(_small_run_config(2, d), str(tmp_path / "raw1"))
+  with pytest.raises(ValueError, match="ema_decay must be"):
+    pretrain.make_ema_update(1.0)
+
+
 @pytest.mark.slow
 def test_base_model_renders_training_words():
   from mgrpo_jax.data import synthetic_text as st  # pylint: disable=import-outside-toplevel
