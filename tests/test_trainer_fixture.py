@@ -17,7 +17,9 @@ ISA there, so an AVX-512 host and an AVX2 host differ in the last bits (the firs
 on another host, failed on an AVX-512 Xeon by 4e-5 in the first reward, while the pre-split code
 reproduced it there bit for bit only under the same settings). The child therefore runs with
 `PINNED_XLA_FLAGS`: no YNNPACK/XNNPACK, code generated for AVX2 at most, the same on every x86-64
-host with AVX2 and FMA. The fixture records the jax/jaxlib versions it was written with; under
+host with AVX2 and FMA. The thread count matters too (on one core the second iteration already
+differs), so the child runs on exactly `PINNED_CPUS` CPUs (its affinity), as the fixture did. The
+fixture records the jax/jaxlib versions it was written with; under
 other versions (other XLA) the test is skipped, as bit equality then means nothing. To rewrite the
 fixture (only when a change in behaviour is intended, and say so in the commit):
 
@@ -41,6 +43,7 @@ NUM_ITERATIONS = 4
 # XLA CPU settings that make the bits independent of which x86-64 host runs the test (see above).
 PINNED_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type= "
                     "--xla_cpu_use_xnnpack=false --xla_cpu_max_isa=AVX2")
+PINNED_CPUS = 2  # XLA sizes its thread pools by the CPUs a process may run on
 
 
 def run_config():
@@ -145,6 +148,8 @@ def test_four_iterations_bit_identical_to_fixture(tmp_path):
                 f"({fixture['versions']}), not these ({versions()})")
   if not host_supports_pinned_isa():
     pytest.skip("the pinned XLA flags need an x86-64 host with AVX2 and FMA")
+  if len(os.sched_getaffinity(0)) < PINNED_CPUS:
+    pytest.skip(f"the fixture's bits need {PINNED_CPUS} CPUs (thread counts change them)")
   assert fixture["xla_flags"] == PINNED_XLA_FLAGS, (
       f"the fixture was written under XLA_FLAGS={fixture['xla_flags']!r}, the test pins "
       f"{PINNED_XLA_FLAGS!r}: rewrite the fixture")
@@ -207,6 +212,8 @@ if __name__ == "__main__":
                       help="(internal) run the job and write its digest")
   args = parser.parse_args()
   if args.child:
+    # Before jax starts: XLA reads the CPU count from the affinity.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:PINNED_CPUS])
     sys.path.insert(0, ROOT)
     _child(*args.child)
   elif args.write:
