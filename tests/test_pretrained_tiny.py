@@ -173,15 +173,11 @@ def test_ema_exports_the_average_of_the_parameter_sequence(tmp_path):
   """The EMA export of a 2-step run against numpy's average of the raw exports of 0, 1, 2 steps
   (the raw trajectory does not depend on the EMA); resuming keeps the average."""
   d = 0.6
-  raw = []
-  for steps in (1, 2):
+  raw = []  # the raw parameters after 0 (the initial ones), 1 and 2 steps
+  for steps in (0, 1, 2):
     out = pretrain.train(_small_run_config(steps), str(tmp_path / f"raw{steps}"))
     raw.append(load_file(os.path.join(out, "model.safetensors")))
-  model = tiny_pixel.TinyPixelT2I(pretrain.model_config(_small_run_config(1)),
-                                  rngs=nnx.Rngs(0))  # the initial parameters (seed 0)
-  init_dir = str(tmp_path / "init")
-  tiny_pixel.save_weights(model, pretrain.model_config(_small_run_config(1)), init_dir, {})
-  p0 = load_file(os.path.join(init_dir, "model.safetensors"))
+  p0 = raw.pop(0)
   ema = pretrain.train(_small_run_config(2, d), str(tmp_path / "ema"))
   got = load_file(os.path.join(ema, "model.safetensors"))
   # Resume: one step, then the second step from state.npz (which holds the average).

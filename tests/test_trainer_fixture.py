@@ -11,15 +11,14 @@ a weight fails it.
 The run goes in a subprocess with a clean environment (one device: no XLA device-count flag), so
 the result does not depend on the 8 simulated devices of the pytest process.
 
-Bits are a property of the code, the XLA version and the host CPU, and CI hosts vary: with XLA's
-defaults, YNNPACK picks its kernels by the CPU it finds and the compiler vectorises for the widest
-ISA there, so an AVX-512 host and an AVX2 host differ in the last bits (the first fixture, written
-on another host, failed on an AVX-512 Xeon by 4e-5 in the first reward, while the pre-split code
-reproduced it there bit for bit only under the same settings). The child therefore runs with
-`PINNED_XLA_FLAGS`: no YNNPACK/XNNPACK, code generated for AVX2 at most, the same on every x86-64
-host with AVX2 and FMA. The thread count matters too (on one core the second iteration already
-differs), so the child runs on exactly `PINNED_CPUS` CPUs (its affinity), as the fixture did. The
-fixture records the jax/jaxlib versions it was written with; under
+Bits are a property of the code, the XLA version and the host: with XLA's CPU defaults, YNNPACK
+picks its kernels by the CPU it finds and the compiler vectorises for the widest ISA there, and
+the thread pools are sized by the CPU count (on one core the second iteration already differs).
+The first fixture, written on another host, failed on an AVX-512 Xeon in the last bits of the
+first reward, and so did the commit that had passed CI on yet another host. The child therefore
+runs with `PINNED_XLA_FLAGS` (no YNNPACK/XNNPACK, code for AVX2 at most) on exactly `PINNED_CPUS`
+CPUs, which should make the bits the same on any x86-64 host with AVX2 and FMA (checked on one
+host type only). The fixture records the jax/jaxlib/numpy versions it was written with; under
 other versions (other XLA) the test is skipped, as bit equality then means nothing. To rewrite the
 fixture (only when a change in behaviour is intended, and say so in the commit):
 
