@@ -56,9 +56,10 @@ def time_way(way: str, steps: int, warmup: int, batch_size: int, model: dict) ->
   key = jax.random.key(config.seed)
   times = []
   for step in range(warmup + steps):
-    ids, x0 = pretrain.batch_for_step(config, tokenizer, step)
+    ids, x0, weights = pretrain.batch_for_step(config, tokenizer, step)
     t0 = time.perf_counter()
-    params, opt_state, loss = step_fn(params, opt_state, ids, x0, jax.random.fold_in(key, step))
+    params, opt_state, loss = step_fn(params, opt_state, ids, x0, jax.random.fold_in(key, step),
+                                      weights)
     loss.block_until_ready()
     times.append(time.perf_counter() - t0)
   measured = times[warmup:]

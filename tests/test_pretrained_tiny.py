@@ -104,6 +104,54 @@ def test_flow_matching_loss_of_the_zero_init_model():
   np.testing.assert_allclose(float(loss), np.mean((eps - x0) ** 2), rtol=1e-5)
 
 
+def test_text_weighted_flow_matching_loss():
+  # The zero-init model again (zero velocity): with per-pixel weights the loss is
+  # sum_b,p w * mean_c (eps - x0)^2 / sum w, against numpy on the same draws.
+  model = tiny_pixel.TinyPixelT2I(tiny_pixel.TinyPixelConfig(**SMALL), rngs=nnx.Rngs(0))
+  x0 = np.linspace(-1, 1, 4 * 8 * 8 * 3, dtype=np.float32).reshape(4, 8, 8, 3)
+  weights = 1.0 + 4.0 * (np.arange(4 * 8 * 8).reshape(4, 8, 8) % 5 == 0).astype(np.float32)
+  tokens = tiny_pixel.PromptTokenizer(16)(["a", "b", "c", ""])
+  key = jax.random.key(3)
+  graphdef, state = nnx.split(model)
+  loss = jax.jit(lambda s, w: pretrain.flow_matching_loss(nnx.merge(graphdef, s), tokens,
+                                                          jnp.asarray(x0), key, w))
+  _, k_noise = jax.random.split(key)
+  sq = (np.asarray(jax.random.normal(k_noise, x0.shape), np.float64) - x0) ** 2
+  expect = sum(weights[b, i, j] * sq[b, i, j, c] / 3 for b in range(4) for i in range(8)
+               for j in range(8) for c in range(3)) / weights.sum()
+  np.testing.assert_allclose(float(loss(state, jnp.asarray(weights))), expect, rtol=1e-5)
+  # Uniform weights give the plain mean.
+  np.testing.assert_allclose(float(loss(state, jnp.full((4, 8, 8), 2.5))), sq.mean(), rtol=1e-5)
+
+
+def test_text_loss_mask_and_batch_weights():
+  from mgrpo_jax.data import synthetic_text  # pylint: disable=g-import-not-at-top
+  alpha = synthetic_text.glyph_alpha("FOX")
+  mask = pretrain.text_loss_mask("FOX")
+  # Reference: each pixel the largest coverage among itself and its 8 neighbours (in the image).
+  n = alpha.shape[0]
+  ref = np.zeros_like(alpha)
+  for i in range(n):
+    for j in range(n):
+      ref[i, j] = alpha[max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].max()
+  np.testing.assert_array_equal(mask, ref)
+  assert (mask >= alpha).all() and (mask > 0).sum() > (alpha > 0).sum()
+  config = pretrain.default_config()
+  config.train.batch_size = 4
+  tokenizer = tiny_pixel.PromptTokenizer(16)
+  ids, x0, weights = pretrain.batch_for_step(config, tokenizer, 7)
+  assert weights is None and ids.shape == (4, 16) and x0.shape == (4, 32, 32, 3)
+  config.train.text_loss_weight = 3.0
+  ids_w, x0_w, weights = pretrain.batch_for_step(config, tokenizer, 7)
+  np.testing.assert_array_equal(ids_w, ids)
+  np.testing.assert_array_equal(x0_w, x0)
+  _, _, pairs = synthetic_text.sample_batch(config.seed, 7, 4)
+  np.testing.assert_allclose(weights, [1 + 3 * pretrain.text_loss_mask(w) for w, _ in pairs])
+  config.train.text_loss_weight = -1.0
+  with pytest.raises(ValueError, match="text_loss_weight must be >= 0"):
+    pretrain.batch_for_step(config, tokenizer, 7)
+
+
 def test_learning_rate_schedules():
   config = pretrain.default_config()
   config.train.learning_rate, config.train.warmup_steps, config.train.steps = 1e-3, 100, 1100
