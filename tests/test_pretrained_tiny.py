@@ -138,6 +138,7 @@ def test_text_loss_mask_and_batch_weights():
   assert (mask >= alpha).all() and (mask > 0).sum() > (alpha > 0).sum()
   config = pretrain.default_config()
   config.train.batch_size = 4
+  config.train.text_loss_weight = 0.0
   tokenizer = tiny_pixel.PromptTokenizer(16)
   ids, x0, weights = pretrain.batch_for_step(config, tokenizer, 7)
   assert weights is None and ids.shape == (4, 16) and x0.shape == (4, 32, 32, 3)
@@ -214,6 +215,26 @@ def _small_run_config(steps: int, ema_decay: float = 0.0):
   config.train.ema_decay = ema_decay
   config.log.checkpoint_every = 1
   return config
+
+
+@pytest.mark.slow
+def test_pretraining_logs_the_text_weighted_loss(tmp_path):
+  """The first step's logged loss (zero-init model: zero velocity) is numpy's mean of
+  (eps - x0)^2 over the step's batch, weighted by 1 + 4 m with the text weight and plain without."""
+  from mgrpo_jax.data import synthetic_text  # pylint: disable=g-import-not-at-top
+  _, images, pairs = synthetic_text.sample_batch(0, 0, 2)
+  x0 = images.astype(np.float64) * 2 - 1
+  _, k_noise = jax.random.split(jax.random.fold_in(jax.random.key(0), 0))
+  sq = ((np.asarray(jax.random.normal(k_noise, x0.shape), np.float64) - x0) ** 2).mean(-1)
+  w = 1 + 4 * np.stack([pretrain.text_loss_mask(word) for word, _ in pairs]).astype(np.float64)
+  for weight, expect in ((4.0, (w * sq).sum() / w.sum()), (0.0, sq.mean())):
+    config = _small_run_config(1)
+    config.train.text_loss_weight = weight
+    config.log.log_every = 1
+    pretrain.train(config, str(tmp_path / str(weight)))
+    logged = json.loads(open(tmp_path / str(weight) / "log.jsonl").readline())["loss"]
+    np.testing.assert_allclose(logged, expect, rtol=1e-5)
+  assert abs((w * sq).sum() / w.sum() - sq.mean()) > 1e-2 * sq.mean()  # the two differ
 
 
 @pytest.mark.slow
