@@ -164,14 +164,18 @@ def make_train_step(graphdef, tx):
   return train_step
 
 
+@functools.lru_cache(maxsize=4096)
 def text_loss_mask(word: str) -> np.ndarray:
-  """The word's glyph coverage dilated by one pixel (3x3 maximum): float32 [s, s] in [0, 1].
+  """The word's glyph coverage dilated by one pixel (3x3 maximum): float32 [s, s] in [0, 1]
+  (read-only; cached, since every step draws from the same few hundred words).
 
   The dilation also weights the background right around the strokes, where a glyph's edges are.
   """
   alpha = np.pad(synthetic_text.glyph_alpha(word), 1)
   s = synthetic_text.IMAGE_SIZE
-  return np.max([alpha[i:i + s, j:j + s] for i in range(3) for j in range(3)], axis=0)
+  mask = np.max([alpha[i:i + s, j:j + s] for i in range(3) for j in range(3)], axis=0)
+  mask.setflags(write=False)
+  return mask
 
 
 def batch_for_step(config, tokenizer, step: int
