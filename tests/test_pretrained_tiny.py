@@ -24,7 +24,7 @@ def test_shipped_weights_load_through_the_registry():
   path = tiny_pixel.ASSET_DIR
   assert os.path.getsize(os.path.join(path, "model.safetensors")) <= 20 * 2**20
   provenance = json.load(open(os.path.join(path, "config.json")))
-  assert provenance["seed"] == 0 and provenance["steps"] == 5000
+  assert provenance["seed"] == 0 and provenance["steps"] == 2500
   assert provenance["command"].startswith("python -m mgrpo_jax.pretrain ")
   generator = registry.get_generator(registry.tiny_text_model_config())
   assert generator.latent_shape == (32, 32, 3) and generator.image_shape == (128, 128, 3)
