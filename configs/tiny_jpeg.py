@@ -28,6 +28,7 @@ def get_config(arg=None):
   # Flow-GRPO's SDE on the first 5 steps and its KL, the setting bench/learning.py's table was
   # measured in (tiny_ocr_color.py has since moved to exact-density CPS on every step).
   config.sample.method = "sde"
+  config.sample.cps_logprob = "flow_grpo"
   config.sample.sde_window = (0, 5)
   config.train.kl_mode = "flow_grpo"
   config.log.eval_every = 20

@@ -86,6 +86,12 @@ def _runlocal(config):
   config.model = registry.default_tiny_model_config()
   config.sample.num_steps = 4
   config.sample.eval_num_steps = 4
+  # Flow-GRPO's SDE, score and KL, as before the main job moved to exact-density CPS: the tests
+  # built on this variant were written against them (tests/test_train.py runs the main job's
+  # CPS settings on this model too).
+  config.sample.method = "sde"
+  config.sample.cps_logprob = "flow_grpo"
+  config.train.kl_mode = "flow_grpo"
   config.sample.sde_window = (-1, -1)
   config.tree.branch_steps = (0, 1)
   config.sample.batches_per_iteration = 1

@@ -145,6 +145,29 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, monkeypatch):
   assert [l["step"] for l in lines][-1] == 3
 
 
+@pytest.mark.slow
+def test_main_job_sampling_settings_train_the_tiny_model(tmp_path):
+  """The main job's CPS with exact densities and exact KL, end to end on the random model
+  (`runlocal` keeps Flow-GRPO's SDE for the other tests)."""
+  full = load_sibling(os.path.join(ROOT, "configs", "tiny_ocr_color.py"),
+                      "tiny_ocr_color").get_config()
+  assert (full.sample.method, full.sample.cps_logprob, full.train.kl_mode,
+          tuple(full.sample.sde_window)) == ("cps", "exact", "exact", (-1, -1))
+  config = tiny_config(**{"sample.method": full.sample.method,
+                          "sample.cps_logprob": full.sample.cps_logprob,
+                          "train.kl_mode": full.train.kl_mode})
+  trainer_lib.train_and_evaluate(config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["step"] for l in lines] == [1, 2]
+  # Iteration 1 starts at the reference (LoRA B = 0): its first minibatch has ratio 1 and KL 0;
+  # after iteration 1's update the adapters differ from the reference, so iteration 2's KL > 0.
+  assert np.isfinite(lines[0]["train/loss"]) and np.isfinite(lines[1]["train/loss"])
+  assert 0.0 < lines[1]["train/kl"] < 1e3
+  for s in range(config.sample.num_steps - 1):  # every step but the last is trained
+    assert f"train/ratio_mean_per_step/{s}" in lines[0], s
+  assert f"train/ratio_mean_per_step/{config.sample.num_steps - 1}" not in lines[0]
+
+
 def test_train_step_one_and_eight_devices_agree():
   config = tiny_config()
   generator = registry.get_generator(config.model)
