@@ -75,18 +75,19 @@ def write_prompts8(path: str) -> None:
 
 
 def read_run(workdir: str) -> dict:
-  """Evaluations, training rewards, KL / gradient-norm ranges of a finished run."""
+  """Evaluations, training rewards, KL / gradient-norm ranges of a finished run (the last row
+  of each step, as bench/main_job.py reads it, so a resumed run counts once)."""
+  from mgrpo_jax import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
   evals, train, kl, grad = {}, [], [], []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      row = json.loads(line)
-      if "eval/ocr" in row:
-        evals[str(row["step"])] = {"ocr": row["eval/ocr"], "text_color": row["eval/text_color"]}
-      if "reward/ocr" in row:
-        train.append([row["reward/ocr"], row["reward/text_color"]])
-      if "train/kl" in row:
-        kl.append(row["train/kl"])
-        grad.append(row["train/grad_norm"])
+  for row in metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"),
+                                      latest_per_step=True):
+    if "eval/ocr" in row:
+      evals[str(row["step"])] = {"ocr": row["eval/ocr"], "text_color": row["eval/text_color"]}
+    if "reward/ocr" in row:
+      train.append([row["reward/ocr"], row["reward/text_color"]])
+    if "train/kl" in row:
+      kl.append(row["train/kl"])
+      grad.append(row["train/grad_norm"])
   return {"eval": evals, "train_rewards_ocr_color": train,
           "kl_range": [min(kl), max(kl)] if kl else None,
           "grad_norm_range": [min(grad), max(grad)] if grad else None}
